@@ -1,0 +1,191 @@
+"""The site archive: instances stored by content hash and indexed, in one transaction each.
+
+An instance is the dataset bytes exactly as received (never decoded or re-encoded), addressed by
+their BLAKE3 hash; its file meta prefix is kept in the index beside the hash. Blob and index entry
+are written in the same LMDB transaction, so an instance is either fully archived or absent, and
+success is reported only after the commit is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from p2pacs import const
+from p2pacs.dicom import build_prefix, extract_attributes, split_part10
+from p2pacs.errors import BlobNotFoundError, InvalidDicomError, StoreError
+from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
+from p2pacs.store import BlobStore, SiteDB, hash_bytes
+
+__all__ = ["Archive", "Ingested"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """The outcome of archiving one instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    hash: str
+    size: int
+    new_instance: bool
+    new_version: bool
+
+
+class Archive:
+    """Store + index of one site. Thread-safe; one per site directory per process."""
+
+    def __init__(self, db_path: Path, *, map_size: int = const.DEFAULT_MAP_SIZE, sync: bool = True):
+        self.db = SiteDB(db_path, map_size=map_size, sync=sync)
+        self.blobs = BlobStore(self.db)
+        self.index = DicomIndex(self.db)
+        self._listeners: list[Callable[[Ingested], None]] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def on_ingest(self, listener: Callable[[Ingested], None]) -> None:
+        """Call ``listener`` (on the ingesting thread) after each durable ingest that changed
+        something; used to publish studies and trigger replication."""
+        with self._lock:
+            self._listeners.append(listener)
+
+    # --- ingest ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        dataset: bytes | memoryview,
+        transfer_syntax: str,
+        prefix: bytes | None = None,
+        *,
+        source_ae: str = "",
+        received: float | None = None,
+    ) -> Future[Ingested]:
+        """Parse the header and hash here (the caller's thread), then queue the durable write.
+
+        Raises ``InvalidDicomError`` at once for bytes that are not an archivable dataset.
+        """
+        attrs = extract_attributes(dataset, transfer_syntax)
+        h = hash_bytes(dataset)
+        sop_class = str(attrs["SOPClassUID"])
+        if prefix is None:
+            prefix = build_prefix(sop_class, str(attrs["SOPInstanceUID"]), transfer_syntax, source_ae)
+        version = Version(h, len(dataset), transfer_syntax, prefix, received or time.time())
+
+        def job(txn: lmdb.Transaction) -> tuple[IndexUpdate, bool]:
+            stored = self.blobs.write_in(txn, h, dataset)
+            return self.index.add(txn, attrs, version), stored
+
+        write = self.db.submit(job, weight=len(dataset))
+        result: Future[Ingested] = Future()
+
+        def done(fut: Future[tuple[IndexUpdate, bool]]) -> None:
+            exc = fut.exception()
+            if exc is not None:
+                result.set_exception(exc)
+                return
+            update, _ = fut.result()
+            ingested = Ingested(
+                update.study_uid,
+                str(attrs["SeriesInstanceUID"]),
+                update.sop_uid,
+                sop_class,
+                h,
+                len(dataset),
+                update.new_instance,
+                update.new_version,
+            )
+            result.set_result(ingested)
+            if update.new_version:
+                self._notify(ingested)
+
+        write.add_done_callback(done)
+        return result
+
+    def ingest(
+        self,
+        dataset: bytes | memoryview,
+        transfer_syntax: str,
+        prefix: bytes | None = None,
+        *,
+        source_ae: str = "",
+        received: float | None = None,
+    ) -> Ingested:
+        """Archive one dataset durably (see ``submit``)."""
+        return self.submit(dataset, transfer_syntax, prefix, source_ae=source_ae, received=received).result(
+            const.WRITE_TIMEOUT
+        )
+
+    def submit_file_bytes(self, data: bytes) -> Future[Ingested]:
+        part = split_part10(data)
+        return self.submit(part.dataset, part.transfer_syntax, part.prefix)
+
+    def import_file(self, path: Path) -> Ingested:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidDicomError(f"cannot read {path}: {exc.strerror}") from exc
+        return self.submit_file_bytes(data).result(const.WRITE_TIMEOUT)
+
+    def _notify(self, ingested: Ingested) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(ingested)
+            except Exception:
+                log.exception("ingest listener failed for %s", ingested.sop_uid)
+
+    # --- export ---------------------------------------------------------------------------------
+
+    def instance_bytes(self, record: InstanceRecord, version: Version | None = None) -> bytes:
+        """The Part-10 file of an instance (its newest version by default), hash-checked."""
+        v = version or record.current
+        return v.prefix + self.blobs.get(v.hash)
+
+    def dataset_bytes(self, record: InstanceRecord) -> bytes:
+        """The dataset bytes of the newest version, hash-checked."""
+        return self.blobs.get(record.current.hash)
+
+    def export_study(self, study_uid: str, out_dir: Path) -> list[Path]:
+        """Write every instance of a study as ``SOPInstanceUID.dcm`` files, byte-identical to
+        what was imported (or to what was received, with p2pacs's file meta)."""
+        records = self.index.study_instances(study_uid)
+        if not records:
+            raise BlobNotFoundError(f"study {study_uid} is not held at this site")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for rec in records:
+            path = out_dir / f"{rec.sop_uid}.dcm"
+            try:
+                path.write_bytes(self.instance_bytes(rec))
+            except OSError as exc:
+                raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
+            paths.append(path)
+        return paths
+
+    def iter_files(self, paths: Iterable[Path]) -> Iterator[Path]:
+        """Every regular file under ``paths`` (folders recursively), in a stable order."""
+        for p in paths:
+            if p.is_dir():
+                yield from sorted(q for q in p.rglob("*") if q.is_file())
+            else:
+                yield p

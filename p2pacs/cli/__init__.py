@@ -1,0 +1,87 @@
+"""The ``p2pacs`` command line: verbs a PACS administrator would guess, dcmtk-style flags.
+
+Each command group lives in its own module with a ``register(subparsers)`` function; ``main``
+is testable in-process (``main(["--site", DIR, "ls"])``) and is also ``python -m p2pacs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from p2pacs import __version__
+from p2pacs.cli import archive_cmds
+from p2pacs.cli.common import CommandError
+from p2pacs.errors import P2PacsError
+from p2pacs.site import default_site_dir
+
+__all__ = ["build_parser", "main"]
+
+_GROUPS = [archive_cmds]
+
+
+def _optional_groups() -> list[object]:
+    """Command groups of later layers, registered when their modules are present."""
+    import importlib
+
+    found = []
+    for name in ("serve_cmds", "federation_cmds", "healing_cmds", "demo_cmds"):
+        try:
+            found.append(importlib.import_module(f"p2pacs.cli.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"p2pacs.cli.{name}":
+                raise
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pacs",
+        description="A peer-to-peer, content-addressed archive for medical images.",
+    )
+    parser.add_argument("--version", action="version", version=f"p2pacs {__version__}")
+    parser.add_argument(
+        "--site",
+        type=Path,
+        default=None,
+        help=f"site directory (default: $P2PACS_SITE or {default_site_dir()})",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="informational messages")
+    verbosity.add_argument("-d", "--debug", action="store_true", help="debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in [*_GROUPS, *_optional_groups()]:
+        group.register(sub)  # type: ignore[attr-defined]
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (
+        logging.ERROR
+        if args.quiet
+        else logging.DEBUG
+        if args.debug
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING
+    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.site is None:
+        args.site = default_site_dir()
+    try:
+        return int(args.func(args) or 0)
+    except CommandError as exc:
+        print(f"p2pacs: {exc}", file=sys.stderr)
+        return exc.code
+    except P2PacsError as exc:
+        print(f"p2pacs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("p2pacs: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,20 @@
+"""Constants of p2pacs, each with its unit and reason (zeroconf's const.py is the model)."""
+
+from __future__ import annotations
+
+CHUNK_SIZE = 1024 * 1024  # bytes; blobs above this are split so reads stream and ranges are cheap
+DEFAULT_MAP_SIZE = 1 << 40  # bytes (1 TiB); LMDB reserves address space only, the file grows as used
+MAX_DBS = 32  # LMDB named sub-databases a site may open (store, index, federation state)
+
+GROUP_COMMIT_MAX_JOBS = 256  # write jobs folded into one LMDB transaction (one fsync)
+GROUP_COMMIT_MAX_BYTES = 64 * 1024 * 1024  # bytes per group commit, bounds the dirty set in RAM
+WRITE_TIMEOUT = 120.0  # seconds a caller waits for its write to be durable before giving up
+
+HASH_HEX_LEN = 64  # hex characters of a BLAKE3-256 digest
+
+DEFAULT_AE_TITLE = "P2PACS"
+DEFAULT_DICOM_PORT = 11112  # IANA-registered DICOM port, unprivileged
+DEFAULT_TRANSFER_PORT = 11180  # HTTPS peer-transfer API
+DEFAULT_DHT_PORT = 11190  # UDP Kademlia
+DEFAULT_REPLICATION = 2  # R: sites holding every study (design.md)
+DEFAULT_MAX_PDU = 0  # 0 = unlimited; pynetdicom's fastest setting for large instances

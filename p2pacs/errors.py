@@ -1,0 +1,94 @@
+"""The one error tree of p2pacs.
+
+Every message says what went wrong and what to do about it. Errors of other libraries (lmdb,
+pydicom, pynetdicom, aiohttp, zeroconf) are translated into these at the module that calls them,
+so callers only ever catch ``P2PacsError``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BlobNotFoundError",
+    "ConfigError",
+    "CorruptBlobError",
+    "DicomIndexError",
+    "FederationError",
+    "IdentityError",
+    "IntegrityError",
+    "InvalidDicomError",
+    "MembershipError",
+    "P2PacsError",
+    "PeerUnavailableError",
+    "RecoveryError",
+    "ReplicationError",
+    "StoreError",
+    "StoreFullError",
+    "TransferError",
+]
+
+
+class P2PacsError(Exception):
+    """Base of every error p2pacs raises on purpose."""
+
+
+class ConfigError(P2PacsError):
+    """A site directory or its config file is missing or invalid."""
+
+
+class StoreError(P2PacsError):
+    """The content-addressed blob store failed."""
+
+
+class StoreFullError(StoreError):
+    """The LMDB map is full; nothing already stored is lost. Raise ``map_size`` in the config."""
+
+
+class BlobNotFoundError(StoreError, KeyError):
+    """No blob with this hash is stored here."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else "blob not found"
+
+
+class CorruptBlobError(StoreError):
+    """A stored blob no longer matches its hash (disk corruption); repair it from a peer."""
+
+
+class InvalidDicomError(P2PacsError):
+    """The bytes are not a DICOM dataset p2pacs can index."""
+
+
+class DicomIndexError(P2PacsError):
+    """The DICOM index could not answer or update."""
+
+
+class FederationError(P2PacsError):
+    """Federation set-up or operation failed."""
+
+
+class IdentityError(FederationError):
+    """A site or federation identity file is missing, unreadable or inconsistent."""
+
+
+class MembershipError(FederationError):
+    """A peer, certificate or record does not belong to this federation."""
+
+
+class TransferError(P2PacsError):
+    """Fetching from or serving to a peer failed."""
+
+
+class PeerUnavailableError(TransferError):
+    """No reachable peer holds what was asked for."""
+
+
+class IntegrityError(TransferError):
+    """Bytes did not match their BLAKE3 hash; they were discarded, never stored or served."""
+
+
+class ReplicationError(P2PacsError):
+    """Replication or repair could not restore the replication factor."""
+
+
+class RecoveryError(P2PacsError):
+    """Whole-site recovery could not complete; run it again to resume."""
