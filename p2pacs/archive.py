@@ -87,7 +87,9 @@ class Archive:
         h = hash_bytes(dataset)
         sop_class = str(attrs["SOPClassUID"])
         if prefix is None:
-            prefix = build_prefix(sop_class, str(attrs["SOPInstanceUID"]), transfer_syntax, source_ae)
+            prefix = build_prefix(
+                sop_class, str(attrs["SOPInstanceUID"]), transfer_syntax, source_ae
+            )
         version = Version(h, len(dataset), transfer_syntax, prefix, received or time.time())
 
         def job(txn: lmdb.Transaction) -> tuple[IndexUpdate, bool]:
@@ -130,9 +132,9 @@ class Archive:
         received: float | None = None,
     ) -> Ingested:
         """Archive one dataset durably (see ``submit``)."""
-        return self.submit(dataset, transfer_syntax, prefix, source_ae=source_ae, received=received).result(
-            const.WRITE_TIMEOUT
-        )
+        return self.submit(
+            dataset, transfer_syntax, prefix, source_ae=source_ae, received=received
+        ).result(const.WRITE_TIMEOUT)
 
     def submit_file_bytes(self, data: bytes) -> Future[Ingested]:
         part = split_part10(data)

@@ -18,7 +18,14 @@ import tomli_w
 from p2pacs import const
 from p2pacs.errors import ConfigError
 
-__all__ = ["CONFIG_NAME", "Config", "DicomConfig", "FederationConfig", "StoreConfig", "parse_hostport"]
+__all__ = [
+    "CONFIG_NAME",
+    "Config",
+    "DicomConfig",
+    "FederationConfig",
+    "StoreConfig",
+    "parse_hostport",
+]
 
 CONFIG_NAME = "site.toml"
 
@@ -83,7 +90,9 @@ class Config:
         try:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"no {CONFIG_NAME} at {path.parent}; run 'p2pacs init' there") from None
+            raise ConfigError(
+                f"no {CONFIG_NAME} at {path.parent}; run 'p2pacs init' there"
+            ) from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
         return cls(
@@ -108,10 +117,11 @@ def _section(kind: type[S], raw: dict[str, Any], name: str, path: Path) -> S:
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) in [{name}]: {', '.join(unknown)}")
     defaults = kind()
-    for key, value in table.items():
+    values: dict[str, Any] = {}
+    for key, given in table.items():
         expected = type(getattr(defaults, key))
-        if expected is float and isinstance(value, int):
-            value = float(value)
+        value = float(given) if expected is float and isinstance(given, int) else given
         if not isinstance(value, expected):
             raise ConfigError(f"{path}: [{name}] {key} must be {expected.__name__}, not {value!r}")
-    return kind(**table)
+        values[key] = value
+    return kind(**values)

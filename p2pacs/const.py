@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 CHUNK_SIZE = 1024 * 1024  # bytes; blobs above this are split so reads stream and ranges are cheap
-DEFAULT_MAP_SIZE = 1 << 40  # bytes (1 TiB); LMDB reserves address space only, the file grows as used
+DEFAULT_MAP_SIZE = (
+    1 << 40
+)  # bytes (1 TiB); LMDB reserves address space only, the file grows as used
 MAX_DBS = 32  # LMDB named sub-databases a site may open (store, index, federation state)
 
 GROUP_COMMIT_MAX_JOBS = 256  # write jobs folded into one LMDB transaction (one fsync)

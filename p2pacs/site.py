@@ -75,4 +75,6 @@ class Site:
         self.config.save(self.config_path)
 
     def archive(self) -> Archive:
-        return Archive(self.db_path, map_size=self.config.store.map_size, sync=self.config.store.sync)
+        return Archive(
+            self.db_path, map_size=self.config.store.map_size, sync=self.config.store.sync
+        )

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in [*_GROUPS, *_optional_groups()]:
         group.register(sub)  # type: ignore[attr-defined]
+    for command in sub.choices.values():
+        # also accepted after the command, as in 'p2pacs recover --site DIR'
+        command.add_argument("--site", type=Path, default=argparse.SUPPRESS, help="site directory")
     return parser
 
 

@@ -49,7 +49,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def import_paths(archive: Archive, paths: list[Path], *, show_progress: bool = True) -> tuple[list[Ingested], list[tuple[Path, str]]]:
+def import_paths(
+    archive: Archive, paths: list[Path], *, show_progress: bool = True
+) -> tuple[list[Ingested], list[tuple[Path, str]]]:
     """Import files and folders; bad files are reported and skipped, never abort the run."""
     files = list(archive.iter_files(paths))
     missing = [p for p in paths if not p.exists()]
@@ -61,7 +63,9 @@ def import_paths(archive: Archive, paths: list[Path], *, show_progress: bool = T
 
     with progress_bar() as bar, ThreadPoolExecutor(_IMPORT_WORKERS) as pool:
         task = bar.add_task("importing", total=len(files), visible=show_progress)
-        pending: list[tuple[Path, Future[Future[Ingested]]]] = [(f, pool.submit(parse, f)) for f in files]
+        pending: list[tuple[Path, Future[Future[Ingested]]]] = [
+            (f, pool.submit(parse, f)) for f in files
+        ]
         for path, outer in pending:
             try:
                 done.append(outer.result().result())
@@ -100,9 +104,20 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_archive(args) as (_site, archive):
-        studies = sorted(archive.index.studies(), key=lambda s: str(s.attrs.get("StudyDate", "")), reverse=True)
+        studies = sorted(
+            archive.index.studies(), key=lambda s: str(s.attrs.get("StudyDate", "")), reverse=True
+        )
     table = Table(title=f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
-    for col in ("Study date", "Patient ID", "Patient name", "Modalities", "Series", "Instances", "Size", "Study UID"):
+    for col in (
+        "Study date",
+        "Patient ID",
+        "Patient name",
+        "Modalities",
+        "Series",
+        "Instances",
+        "Size",
+        "Study UID",
+    ):
         table.add_column(col, overflow="fold")
     for s in studies:
         a = s.attrs
@@ -128,12 +143,32 @@ def cmd_show(args: argparse.Namespace) -> int:
         series = archive.index.series_of(args.study_uid)
         instances = archive.index.study_instances(args.study_uid)
     console.print(f"[bold]Study[/] {study.study_uid}")
-    for key in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
-                "StudyTime", "AccessionNumber", "StudyDescription", "ReferringPhysicianName"):
+    for key in (
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyDescription",
+        "ReferringPhysicianName",
+    ):
         console.print(f"  {key}: {study.attrs.get(key, '')}")
-    console.print(f"  {study.series} series, {study.instances} instances, {_fmt_bytes(study.bytes)}")
+    console.print(
+        f"  {study.series} series, {study.instances} instances, {_fmt_bytes(study.bytes)}"
+    )
     table = Table()
-    for col in ("Series", "Modality", "Description", "Instance", "SOP Instance UID", "Versions", "Size", "Hash"):
+    for col in (
+        "Series",
+        "Modality",
+        "Description",
+        "Instance",
+        "SOP Instance UID",
+        "Versions",
+        "Size",
+        "Hash",
+    ):
         table.add_column(col, overflow="fold")
     described = {uid: attrs for uid, attrs, _ in series}
     for rec in instances:
@@ -168,7 +203,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if bad:
         for h in bad:
             err_console.print(f"[red]corrupt[/] blob {h}")
-        console.print(f"{len(bad)} of {count} blob(s) fail their hash check; run 'p2pacs scrub --repair'")
+        console.print(
+            f"{len(bad)} of {count} blob(s) fail their hash check; run 'p2pacs scrub --repair'"
+        )
         return 1
     console.print(f"all {count} blob(s) ({_fmt_bytes(total)}) match their hashes")
     return 0

@@ -163,7 +163,7 @@ def extract_attributes(dataset: bytes | memoryview, transfer_syntax: str) -> dic
     try:
         for elem in ds.iterall():
             keyword = keyword_for_tag(elem.tag)
-            if keyword and keyword != "SpecificCharacterSet" and not elem.VR == "SQ":
+            if keyword and keyword != "SpecificCharacterSet" and elem.VR != "SQ":
                 value = _to_str(elem.value)
                 if value not in ("", []):
                     attrs[keyword] = value

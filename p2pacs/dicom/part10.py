@@ -12,11 +12,11 @@ import io
 from dataclasses import dataclass
 
 from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.errors import InvalidDicomError as PydicomInvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from p2pacs.errors import InvalidDicomError
 
@@ -45,7 +45,14 @@ def split_part10(data: bytes) -> Part10:
     try:
         preamble = read_preamble(fp, force=True)
         meta = _read_file_meta_info(fp)
-    except (PydicomInvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+    except (
+        PydicomInvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+    ) as exc:
         raise InvalidDicomError(f"unreadable DICOM file meta: {exc}") from exc
     start = fp.tell()
     if start >= len(data):
@@ -66,7 +73,9 @@ def _guess_bare_syntax(head: bytes) -> str:
     return ExplicitVRLittleEndian if vr.isalpha() and vr.isupper() else ImplicitVRLittleEndian
 
 
-def build_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = "") -> bytes:
+def build_prefix(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str = ""
+) -> bytes:
     """Preamble + "DICM" + file meta for a dataset received over the network (PS3.10 7.1)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid

@@ -6,4 +6,12 @@ from p2pacs.dicom.header import Level
 from p2pacs.index.db import DicomIndex, IndexUpdate, InstanceRecord, StudyRecord, Version
 from p2pacs.index.matching import matches
 
-__all__ = ["DicomIndex", "IndexUpdate", "InstanceRecord", "Level", "StudyRecord", "Version", "matches"]
+__all__ = [
+    "DicomIndex",
+    "IndexUpdate",
+    "InstanceRecord",
+    "Level",
+    "StudyRecord",
+    "Version",
+    "matches",
+]

@@ -60,7 +60,13 @@ class Version:
     received: float
 
     def to_wire(self) -> dict[str, Any]:
-        return {"h": self.hash, "n": self.size, "ts": self.transfer_syntax, "p": self.prefix, "t": self.received}
+        return {
+            "h": self.hash,
+            "n": self.size,
+            "ts": self.transfer_syntax,
+            "p": self.prefix,
+            "t": self.received,
+        }
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> Version:
@@ -147,7 +153,9 @@ class DicomIndex:
 
     # --- updates (writer thread) ---------------------------------------------------------------
 
-    def add(self, txn: lmdb.Transaction, attrs: Mapping[str, AttrValue], version: Version) -> IndexUpdate:
+    def add(
+        self, txn: lmdb.Transaction, attrs: Mapping[str, AttrValue], version: Version
+    ) -> IndexUpdate:
         """Index one received instance version (inside the transaction that stores its blob)."""
         study_uid = str(attrs["StudyInstanceUID"])
         series_uid = str(attrs["SeriesInstanceUID"])
@@ -168,7 +176,9 @@ class DicomIndex:
             old["v"].append(version.to_wire())
             old["a"] = levels.image
             txn.put(ikey, _pack(old), db=self._instance)
-            self._bump_study(txn, study_uid, levels, version.size, new_series=False, new_instance=False)
+            self._bump_study(
+                txn, study_uid, levels, version.size, new_series=False, new_instance=False
+            )
             return IndexUpdate(study_uid, sop_uid, new_instance=False, new_version=True)
 
         record = {"c": str(attrs["SOPClassUID"]), "a": levels.image, "v": [version.to_wire()]}
@@ -183,8 +193,15 @@ class DicomIndex:
         series["a"] = _merge_missing(series["a"], levels.series)
         series["n"] += 1
         txn.put(skey, _pack(series), db=self._series)
-        self._bump_study(txn, study_uid, levels, version.size, new_series=new_series, new_instance=True,
-                         sop_class=str(attrs["SOPClassUID"]))
+        self._bump_study(
+            txn,
+            study_uid,
+            levels,
+            version.size,
+            new_series=new_series,
+            new_instance=True,
+            sop_class=str(attrs["SOPClassUID"]),
+        )
         return IndexUpdate(study_uid, sop_uid, new_instance=True, new_version=True)
 
     def _bump_study(
@@ -215,7 +232,9 @@ class DicomIndex:
         study["t"] = time.time()
         txn.put(key, _pack(study), db=self._study)
 
-    def _link_patient(self, txn: lmdb.Transaction, patient: Mapping[str, AttrValue], study_uid: str) -> None:
+    def _link_patient(
+        self, txn: lmdb.Transaction, patient: Mapping[str, AttrValue], study_uid: str
+    ) -> None:
         key = _patient_key(str(patient.get("PatientID", "")))
         rec = _unpack(txn.get(key, db=self._patient)) or {"a": {}, "st": []}
         rec["a"] = _merge_missing(rec["a"], patient)
@@ -232,7 +251,9 @@ class DicomIndex:
 
     @staticmethod
     def _study_record(uid: str, raw: Mapping[str, Any]) -> StudyRecord:
-        return StudyRecord(uid, raw["a"], raw["s"], raw["i"], raw["b"], raw["m"], raw["c"], raw["t"])
+        return StudyRecord(
+            uid, raw["a"], raw["s"], raw["i"], raw["b"], raw["m"], raw["c"], raw["t"]
+        )
 
     def studies(self) -> Iterator[StudyRecord]:
         with self._db.read() as txn:
@@ -250,13 +271,21 @@ class DicomIndex:
         return None if raw is None else self._instance_record(study_uid, series_uid, sop_uid, raw)
 
     @staticmethod
-    def _instance_record(study: str, series: str, sop: str, raw: Mapping[str, Any]) -> InstanceRecord:
+    def _instance_record(
+        study: str, series: str, sop: str, raw: Mapping[str, Any]
+    ) -> InstanceRecord:
         versions = tuple(Version.from_wire(v) for v in raw["v"])
         return InstanceRecord(study, series, sop, raw["c"], raw["a"], versions)
 
-    def study_instances(self, study_uid: str, series_uid: str | None = None) -> list[InstanceRecord]:
+    def study_instances(
+        self, study_uid: str, series_uid: str | None = None
+    ) -> list[InstanceRecord]:
         """Instances of a study (or one of its series), in series then SOP UID order."""
-        prefix = _key(study_uid, series_uid) + _SEP.encode() if series_uid else _key(study_uid) + _SEP.encode()
+        prefix = (
+            _key(study_uid, series_uid) + _SEP.encode()
+            if series_uid
+            else _key(study_uid) + _SEP.encode()
+        )
         out = []
         with self._db.read() as txn:
             cursor = txn.cursor(db=self._instance)
@@ -294,7 +323,9 @@ class DicomIndex:
 
     # --- C-FIND ---------------------------------------------------------------------------------
 
-    def find(self, level: Level, query: Mapping[str, str | list[str] | None]) -> Iterator[dict[str, AttrValue]]:
+    def find(
+        self, level: Level, query: Mapping[str, str | list[str] | None]
+    ) -> Iterator[dict[str, AttrValue]]:
         """Records at ``level`` whose attributes (at this level and above) match ``query``.
 
         ``query`` maps keywords to C-FIND match strings ("" is universal matching). Each result
@@ -309,21 +340,31 @@ class DicomIndex:
                 yield self._respond(query, study, (Level.PATIENT, Level.STUDY))
                 continue
             for series_uid, series_attrs, n in self.series_of(study_uid):
-                s_attrs = {**study, **series_attrs, "SeriesInstanceUID": series_uid,
-                           "NumberOfSeriesRelatedInstances": str(n)}
+                s_attrs = {
+                    **study,
+                    **series_attrs,
+                    "SeriesInstanceUID": series_uid,
+                    "NumberOfSeriesRelatedInstances": str(n),
+                }
                 if not self._match_level(query, Level.SERIES, s_attrs):
                     continue
                 if level is Level.SERIES:
                     yield self._respond(query, s_attrs, (Level.PATIENT, Level.STUDY, Level.SERIES))
                     continue
                 for inst in self.study_instances(study_uid, series_uid):
-                    i_attrs = {**s_attrs, **inst.attrs, "SOPInstanceUID": inst.sop_uid,
-                               "SOPClassUID": inst.sop_class_uid,
-                               "AvailableTransferSyntaxUID": inst.current.transfer_syntax}
+                    i_attrs = {
+                        **s_attrs,
+                        **inst.attrs,
+                        "SOPInstanceUID": inst.sop_uid,
+                        "SOPClassUID": inst.sop_class_uid,
+                        "AvailableTransferSyntaxUID": inst.current.transfer_syntax,
+                    }
                     if self._match_level(query, Level.IMAGE, i_attrs):
                         yield self._respond(query, i_attrs, tuple(Level))
 
-    def _find_patients(self, query: Mapping[str, str | list[str] | None]) -> Iterator[dict[str, AttrValue]]:
+    def _find_patients(
+        self, query: Mapping[str, str | list[str] | None]
+    ) -> Iterator[dict[str, AttrValue]]:
         with self._db.read() as txn:
             rows = [_unpack(v) for _, v in txn.cursor(db=self._patient)]
         for raw in rows:
@@ -335,7 +376,9 @@ class DicomIndex:
             if self._match_level(query, Level.PATIENT, attrs):
                 yield self._respond(query, attrs, (Level.PATIENT,))
 
-    def _matching_studies(self, query: Mapping[str, str | list[str] | None]) -> Iterator[tuple[str, dict[str, AttrValue]]]:
+    def _matching_studies(
+        self, query: Mapping[str, str | list[str] | None]
+    ) -> Iterator[tuple[str, dict[str, AttrValue]]]:
         wanted = query.get("StudyInstanceUID")
         if isinstance(wanted, str) and wanted and "*" not in wanted and "?" not in wanted:
             candidates = [s for s in (self.study(u) for u in wanted.split("\\")) if s is not None]
@@ -356,26 +399,42 @@ class DicomIndex:
                 yield st.study_uid, attrs
 
     _COMPUTED: Mapping[Level, tuple[str, ...]] = {
-        Level.PATIENT: ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
-                        "NumberOfPatientRelatedInstances"),
-        Level.STUDY: ("ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries",
-                      "NumberOfStudyRelatedInstances"),
+        Level.PATIENT: (
+            "NumberOfPatientRelatedStudies",
+            "NumberOfPatientRelatedSeries",
+            "NumberOfPatientRelatedInstances",
+        ),
+        Level.STUDY: (
+            "ModalitiesInStudy",
+            "SOPClassesInStudy",
+            "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances",
+        ),
         Level.SERIES: ("NumberOfSeriesRelatedInstances",),
         Level.IMAGE: ("AvailableTransferSyntaxUID",),
     }
 
     def _match_level(
-        self, query: Mapping[str, str | list[str] | None], level: Level, attrs: Mapping[str, AttrValue]
+        self,
+        query: Mapping[str, str | list[str] | None],
+        level: Level,
+        attrs: Mapping[str, AttrValue],
     ) -> bool:
         keys = LEVEL_KEYS[level] + self._COMPUTED[level]
         return all(matches(kw, query[kw], attrs.get(kw)) for kw in keys if kw in query)
 
     @staticmethod
     def _respond(
-        query: Mapping[str, str | list[str] | None], attrs: Mapping[str, AttrValue], levels: tuple[Level, ...]
+        query: Mapping[str, str | list[str] | None],
+        attrs: Mapping[str, AttrValue],
+        levels: tuple[Level, ...],
     ) -> dict[str, AttrValue]:
-        unique = {Level.PATIENT: "PatientID", Level.STUDY: "StudyInstanceUID",
-                  Level.SERIES: "SeriesInstanceUID", Level.IMAGE: "SOPInstanceUID"}
+        unique = {
+            Level.PATIENT: "PatientID",
+            Level.STUDY: "StudyInstanceUID",
+            Level.SERIES: "SeriesInstanceUID",
+            Level.IMAGE: "SOPInstanceUID",
+        }
         out: dict[str, AttrValue] = {kw: attrs.get(kw, "") for kw in query}
         for level in levels:
             kw = unique[level]

@@ -66,7 +66,9 @@ class SiteDB:
         self._dbs: dict[str, Any] = {}
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._closed = False
-        self._writer = threading.Thread(target=self._run, name=f"lmdb-writer:{path.name}", daemon=True)
+        self._writer = threading.Thread(
+            target=self._run, name=f"lmdb-writer:{path.name}", daemon=True
+        )
         self._writer.start()
 
     def db(self, name: str, *, dupsort: bool = False) -> Any:
@@ -122,7 +124,9 @@ class SiteDB:
             batch = [first]
             weight = first.weight
             stop = False
-            while len(batch) < const.GROUP_COMMIT_MAX_JOBS and weight < const.GROUP_COMMIT_MAX_BYTES:
+            while (
+                len(batch) < const.GROUP_COMMIT_MAX_JOBS and weight < const.GROUP_COMMIT_MAX_BYTES
+            ):
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -178,7 +182,9 @@ class SiteDB:
         else:
             job.future.set_exception(error)
 
-    def _run_nested(self, txn: lmdb.Transaction, job: _Job) -> tuple[_Job, Any, BaseException | None]:
+    def _run_nested(
+        self, txn: lmdb.Transaction, job: _Job
+    ) -> tuple[_Job, Any, BaseException | None]:
         """Run one job in a child transaction: its failure rolls back only its own writes."""
         try:
             with self.env.begin(write=True, parent=txn) as nested:
@@ -191,8 +197,9 @@ class SiteDB:
             return job, None, exc
 
     def _full_error(self) -> StoreFullError:
+        map_size = self.env.info()["map_size"]
         return StoreFullError(
-            f"the site database at {self.path} is full (map_size {self.env.info()['map_size']} bytes); "
+            f"the site database at {self.path} is full (map_size {map_size} bytes); "
             "nothing already stored was lost: raise store.map_size in the site config and restart"
         )
 
