@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["DhtError", "LocalProtocolError", "RemoteProtocolError", "RecordError", "LookupFailedError"]
+__all__ = [
+    "DhtError",
+    "LocalProtocolError",
+    "LookupFailedError",
+    "RecordError",
+    "RemoteProtocolError",
+]
 
 
 class DhtError(Exception):

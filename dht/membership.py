@@ -153,7 +153,9 @@ def create_federation(name: str) -> FederationCA:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, None)
     )
-    return FederationCA(key=key, federation=Federation(ca_cert=cert, secret=secrets.token_bytes(SECRET_SIZE)))
+    return FederationCA(
+        key=key, federation=Federation(ca_cert=cert, secret=secrets.token_bytes(SECRET_SIZE))
+    )
 
 
 def issue_site_certificate(
@@ -188,7 +190,9 @@ def issue_site_certificate(
         .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
             critical=False,
         )
         .add_extension(
@@ -216,7 +220,9 @@ def verify_member_certificate(
     try:
         ca_key.verify(cert.signature, cert.tbs_certificate_bytes)
     except InvalidSignature as exc:
-        raise RecordError("certificate signature does not verify against the federation CA") from exc
+        raise RecordError(
+            "certificate signature does not verify against the federation CA"
+        ) from exc
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise RecordError("certificate is expired or not yet valid; re-enroll the site")
     key = cert.public_key()

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from p2pacs import __version__
 from p2pacs.cli import archive_cmds
@@ -23,12 +24,12 @@ __all__ = ["build_parser", "main"]
 _GROUPS = [archive_cmds]
 
 
-def _optional_groups() -> list[object]:
+def _optional_groups() -> list[ModuleType]:
     """Command groups of later layers, registered when their modules are present."""
     import importlib
 
-    found = []
-    for name in ("serve_cmds", "federation_cmds", "healing_cmds", "demo_cmds"):
+    found: list[ModuleType] = []
+    for name in ("serve_cmds", "federation_cmds", "node_cmds", "healing_cmds", "demo_cmds"):
         try:
             found.append(importlib.import_module(f"p2pacs.cli.{name}"))
         except ModuleNotFoundError as exc:
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-d", "--debug", action="store_true", help="debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in [*_GROUPS, *_optional_groups()]:
-        group.register(sub)  # type: ignore[attr-defined]
+        group.register(sub)
     for command in sub.choices.values():
         # also accepted after the command, as in 'p2pacs recover --site DIR'
         command.add_argument("--site", type=Path, default=argparse.SUPPRESS, help="site directory")

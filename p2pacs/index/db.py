@@ -33,10 +33,10 @@ _SEP = "\x00"
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
-def _unpack(raw: bytes | None) -> Any:
+def _unpack(raw: bytes | memoryview | None) -> Any:
     return None if raw is None else msgpack.unpackb(raw, raw=False)
 
 

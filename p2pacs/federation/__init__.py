@@ -1,0 +1,1 @@
+"""Federation: identity, manifests, catalogues, members, publication and the federation node."""

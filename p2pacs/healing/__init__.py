@@ -1,0 +1,1 @@
+"""Self-healing: placement of replicas, repair of lost copies, whole-site recovery and scrub."""

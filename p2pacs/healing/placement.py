@@ -1,0 +1,67 @@
+"""Where a study lives: rendezvous (highest-random-weight) hashing over live member sites.
+
+Every site computes the same ranking from the study UID and the set of live sites alone, so no
+coordinator is needed; when a site disappears only the studies it held move, one rank down
+(Thaler & Ravishankar, "Using name-based mappings to increase hit rates", 1998). Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import blake3
+
+__all__ = ["RepairPlan", "placement", "plan_repairs", "rank", "repairer"]
+
+
+def _score(study_uid: str, site_id: bytes) -> bytes:
+    return blake3.blake3(site_id + b"\0" + study_uid.encode()).digest()
+
+
+def rank(study_uid: str, sites: Iterable[bytes]) -> list[bytes]:
+    """All ``sites`` ordered by preference for ``study_uid`` (highest weight first)."""
+    return sorted(set(sites), key=lambda s: _score(study_uid, s), reverse=True)
+
+
+def placement(study_uid: str, live: Iterable[bytes], replication: int) -> list[bytes]:
+    """The ``replication`` live sites that should hold ``study_uid``."""
+    return rank(study_uid, live)[: max(replication, 0)]
+
+
+def repairer(study_uid: str, live_holders: Iterable[bytes]) -> bytes | None:
+    """The one live holder that acts to restore R for this study, so repairs don't stampede."""
+    ranked = rank(study_uid, live_holders)
+    return ranked[0] if ranked else None
+
+
+@dataclass(frozen=True, slots=True)
+class RepairPlan:
+    under_replicated: list[str]  # studies with fewer than R live holders
+    pull: list[str]  # studies this site should copy now
+    notify: dict[bytes, list[str]]  # site_id -> studies it should copy (we are the repairer)
+
+
+def plan_repairs(
+    holders: Mapping[str, set[bytes]], live: set[bytes], me: bytes, replication: int
+) -> RepairPlan:
+    """Pure decision of one anti-entropy pass (see the module docstring)."""
+    under: list[str] = []
+    pull: list[str] = []
+    notify: dict[bytes, list[str]] = {}
+    for study, sites in sorted(holders.items()):
+        live_holders = sites & live
+        if len(live_holders) >= replication:
+            continue
+        under.append(study)
+        if not live_holders:  # every copy is on a site that is down: wait for one to return
+            continue
+        need = replication - len(live_holders)
+        targets = rank(study, live - sites)[:need]
+        if me in targets:
+            pull.append(study)
+        if live_holders and repairer(study, live_holders) == me:
+            for t in targets:
+                if t != me:
+                    notify.setdefault(t, []).append(study)
+    return RepairPlan(under, pull, notify)
