@@ -1,4 +1,4 @@
-"""One site as a running service: archive, DICOM gateway, and (when enrolled) the federation.
+"""One site as a running service: archive, DICOM gateway and, when enrolled, the federation.
 
 ``SiteNode`` owns every long-lived part of a site and stops them in reverse order, so
 ``p2pacs serve`` shuts down cleanly on SIGTERM/SIGINT and a test can start a site in-process.
@@ -6,14 +6,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from p2pacs import __version__
 from p2pacs.archive import Archive
-from p2pacs.gateway import Gateway
+from p2pacs.errors import P2PacsError
+from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.site import Site
 
-__all__ = ["SiteNode"]
+__all__ = ["RUNFILE", "SiteNode"]
+
+RUNFILE = "node.json"  # in the site directory while ``serve`` runs
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,10 @@ class SiteNode:
         self.site = site
         self.archive: Archive | None = None
         self.gateway: Gateway | None = None
+        self.federation: Any = None  # FederationNode when enrolled
+        self.healer: Any = None
+        self.recovery: Any = None
+        self.started = time.time()
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -32,16 +45,134 @@ class SiteNode:
         return self.gateway.address
 
     async def start(self) -> None:
-        self.archive = self.site.archive()
-        self.gateway = Gateway(self.archive, self.site.config.dicom)
+        self.archive = archive = self.site.archive()
+        enrolled = self.site.config.federation.enabled
+        self.gateway = Gateway(
+            archive,
+            self.site.config.dicom,
+            ensure_local=self._ensure_local if enrolled else None,
+            commitment=self._commitment if enrolled else None,
+        )
         self.gateway.start()
         host, port = self.gateway.address
         log.info("gateway listening on %s:%d as %s", host, port, self.site.config.dicom.ae_title)
+        if enrolled:
+            await self._start_federation()
+        self._write_runfile()
+
+    @property
+    def runfile(self) -> Path:
+        return self.site.path / RUNFILE
+
+    def _write_runfile(self) -> None:
+        """Where the running node listens, so the CLI can reach it (ports may be picked at 0)."""
+        info: dict[str, Any] = {"pid": os.getpid(), "dicom": list(self.dicom_address)}
+        fed = self.federation
+        if fed is not None:
+            info["transfer"] = list(fed.server.address)
+            info["dht"] = list(fed.dht.address)
+        tmp = self.runfile.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.runfile)
+
+    async def _start_federation(self) -> None:
+        from p2pacs.federation.node import FederationNode
+        from p2pacs.federation.routes import install_routes
+        from p2pacs.healing.recovery import Recovery
+        from p2pacs.healing.repair import Healer
+        from p2pacs.healing.scrub import repair_blob
+
+        assert self.archive is not None
+        fed = FederationNode(self.site, self.archive, dicom_address=self.dicom_address)
+        self.federation = fed
+        self.healer = Healer(fed)
+        self.recovery = Recovery(fed)
+        fed.on_fetched.append(self.recovery.on_demand)
+        fed.add_task(self.healer.run)
+        fed.add_task(self.recovery.run)
+        await fed.start(install_routes(self))
+        self.archive.repair_hook = lambda h: bool(fed.call(repair_blob(fed, h), 120.0))
+        fed.publisher.mark(s.study_uid for s in self.archive.index.studies())
+
+    def _ensure_local(self, study_uids: list[str]) -> None:
+        if self.federation is not None:
+            self.federation.ensure_local(study_uids)
+
+    def _commitment(self, refs: list[tuple[str, str]], timeout: float) -> CommitmentResult:
+        from p2pacs.healing.commitment import check_commitment
+
+        fed = self.federation
+        committed, failed = fed.call(check_commitment(fed, refs, timeout), timeout + 30.0)
+        return CommitmentResult(committed=committed, failed=failed)
+
+    async def status(self) -> dict[str, Any]:
+        """This site and the federation at a glance (``p2pacs status``)."""
+        assert self.archive is not None
+        patients, studies, instances = self.archive.index.counts()
+        blobs, stored = self.archive.blobs.totals()
+        out: dict[str, Any] = {
+            "version": __version__,
+            "site": self.site.config.federation.name or self.site.path.name,
+            "ae_title": self.site.config.dicom.ae_title,
+            "dicom": list(self.dicom_address),
+            "uptime_s": round(time.time() - self.started, 1),
+            "patients": patients,
+            "studies": studies,
+            "instances": instances,
+            "blobs": blobs,
+            "bytes": stored,
+            "federation": None,
+        }
+        fed = self.federation
+        if fed is None:
+            return out
+        now = time.time()
+        members = [
+            {
+                "name": m.name,
+                "site_id": m.site_id.hex(),
+                "up": m.is_up(fed.config.down_after, now),
+                "last_seen_s": round(now - m.last_seen, 1) if m.last_seen else None,
+                "address": f"{m.record.host}:{m.record.transfer_port}",
+                "studies": m.record.studies,
+            }
+            for m in sorted(fed.members, key=lambda m: m.name)
+        ]
+        stats = self.healer.stats
+        rec = self.recovery
+        out["federation"] = {
+            "site_id": fed.site_hex,
+            "replication": fed.config.replication,
+            "sites_up": 1 + sum(m["up"] for m in members),
+            "sites_down": sum(not m["up"] for m in members),
+            "members": members,
+            "under_replicated": stats.under_replicated,
+            "repair_passes": stats.passes,
+            "last_repair": stats.last_repair or None,
+            "pulls_done": stats.pulls_done,
+            "pulls_failed": stats.pulls_failed,
+            "recovery_pending": rec.pending,
+            "recovery": {
+                "studies_total": rec.progress.studies_total,
+                "studies_done": rec.progress.studies_done,
+                "bytes_total": rec.progress.bytes_total,
+                "bytes_done": rec.progress.bytes_done,
+            },
+            "dht": dict(fed.dht.stats) if fed.dht is not None else {},
+        }
+        return out
 
     async def stop(self) -> None:
+        self.runfile.unlink(missing_ok=True)
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
+        if self.federation is not None:
+            try:
+                await self.federation.stop()
+            except P2PacsError:
+                log.exception("federation stop failed")
+            self.federation = None
         if self.archive is not None:
             self.archive.close()
             self.archive = None

@@ -11,31 +11,23 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from p2pacs import __version__
-from p2pacs.cli import archive_cmds
+from p2pacs.cli import (
+    archive_cmds,
+    demo_cmds,
+    federation_cmds,
+    healing_cmds,
+    node_cmds,
+    serve_cmds,
+)
 from p2pacs.cli.common import CommandError
 from p2pacs.errors import P2PacsError
 from p2pacs.site import default_site_dir
 
 __all__ = ["build_parser", "main"]
 
-_GROUPS = [archive_cmds]
-
-
-def _optional_groups() -> list[ModuleType]:
-    """Command groups of later layers, registered when their modules are present."""
-    import importlib
-
-    found: list[ModuleType] = []
-    for name in ("serve_cmds", "federation_cmds", "node_cmds", "healing_cmds", "demo_cmds"):
-        try:
-            found.append(importlib.import_module(f"p2pacs.cli.{name}"))
-        except ModuleNotFoundError as exc:
-            if exc.name != f"p2pacs.cli.{name}":
-                raise
-    return found
+_GROUPS = [archive_cmds, serve_cmds, federation_cmds, node_cmds, healing_cmds, demo_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true", help="informational messages")
     verbosity.add_argument("-d", "--debug", action="store_true", help="debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in [*_GROUPS, *_optional_groups()]:
+    for group in _GROUPS:
         group.register(sub)
     for command in sub.choices.values():
         # also accepted after the command, as in 'p2pacs recover --site DIR'

@@ -171,14 +171,19 @@ class DicomIndex:
                 old = _unpack(txn.get(ikey, db=self._instance))
         if old is not None:
             hashes = [v["h"] for v in old["v"]]
-            if version.hash in hashes:
+            if hashes[-1] == version.hash or (
+                version.hash in hashes and version.received <= old["v"][-1]["t"]
+            ):
                 return IndexUpdate(study_uid, sop_uid, new_instance=False, new_version=False)
-            old["v"].append(version.to_wire())
+            known = version.hash in hashes
+            # newest received wins retrieval: a version received again becomes current again
+            old["v"] = [v for v in old["v"] if v["h"] != version.hash] + [version.to_wire()]
             old["a"] = levels.image
             txn.put(ikey, _pack(old), db=self._instance)
             self._bump_study(
-                txn, study_uid, levels, version.size, new_series=False, new_instance=False
-            )
+                txn, study_uid, levels, 0 if known else version.size,
+                new_series=False, new_instance=False,
+            )  # fmt: skip
             return IndexUpdate(study_uid, sop_uid, new_instance=False, new_version=True)
 
         record = {"c": str(attrs["SOPClassUID"]), "a": levels.image, "v": [version.to_wire()]}

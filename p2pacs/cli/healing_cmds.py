@@ -1,0 +1,110 @@
+"""``recover`` and ``scrub``: bring a wiped site back, and re-hash (and repair) every blob.
+
+Both drive the site's running node when there is one; otherwise they start the node in this
+process for the duration (it serves DICOM meanwhile, so a study asked for during recovery is
+fetched on demand), then stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+from p2pacs.cli.common import CommandError, console, open_site, progress_bar
+from p2pacs.cli.local import LocalNode, connect, node_address
+from p2pacs.site import Site
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "recover", help="rebuild this site's archive from the other members (resumable)"
+    )
+    p.set_defaults(func=cmd_recover)
+    p = sub.add_parser(
+        "scrub", help="re-hash every stored blob; --repair fixes bad ones from peers"
+    )
+    p.add_argument("--repair", action="store_true", help="replace corrupt blobs from a peer")
+    p.set_defaults(func=cmd_scrub)
+
+
+async def _drive(site: Site, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+    """Stream a long operation from the running node, starting one here if none runs."""
+    async with AsyncExitStack() as stack:
+        if node_address(site) is None:
+            from p2pacs.node import SiteNode
+
+            if not site.config.federation.enabled:
+                raise CommandError("this site is not enrolled in a federation", 1)
+            await stack.enter_async_context(SiteNode(site))
+        node: LocalNode = await stack.enter_async_context(connect(site))
+        async for event in node.stream(path, **params):
+            yield event
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    site = open_site(args, create=True)
+
+    async def run() -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        with progress_bar(transfer=True) as bar:
+            task = bar.add_task("recover", total=None)
+            async for event in _drive(site, "/v1/recover", {}):
+                if event.get("done"):
+                    last = event
+                    break
+                bar.update(
+                    task,
+                    total=event["bytes_total"] or None,
+                    completed=event["bytes_done"],
+                    description=f"recover {event['studies_done']}/{event['studies_total']} studies",
+                )
+        return last
+
+    result = asyncio.run(run())
+    if "error" in result:
+        raise CommandError(result["error"], 1)
+    p = result["result"]
+    elapsed = (p["finished"] or p["started"]) - p["started"]
+    console.print(
+        f"recovered {p['studies_done'] - len(p['failed'])} of {p['studies_total']} studies, "
+        f"{p['instances']} instances, {p['bytes_done'] / 1e6:.1f} MB in {max(elapsed, 0):.1f} s"
+    )
+    for uid, why in p["failed"].items():
+        console.print(f"[red]not recovered[/] {uid}: {why}")
+    return 1 if p["failed"] else 0
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    site = open_site(args, create=False)
+    if not site.config.federation.enabled:
+        if args.repair:
+            raise CommandError("--repair needs a site enrolled in a federation", 2)
+        raise CommandError("use 'p2pacs verify' on a site outside a federation", 2)
+
+    async def run() -> dict[str, Any]:
+        last: dict[str, Any] = {}
+        with progress_bar() as bar:
+            task = bar.add_task("scrub", total=None)
+            params = {"repair": "1"} if args.repair else {}
+            async for event in _drive(site, "/v1/scrub", params):
+                if event.get("done"):
+                    last = event
+                    break
+                bar.update(task, total=event["total"], completed=event["done"])
+        return last
+
+    result = asyncio.run(run())
+    if "error" in result:
+        raise CommandError(result["error"], 1)
+    r = result["result"]
+    console.print(
+        f"{r['checked']} blobs checked, {len(r['corrupt'])} corrupt, {len(r['repaired'])} repaired"
+    )
+    for h, why in r["unrepaired"].items():
+        console.print(f"[red]unrepaired[/] {h}: {why}")
+    return 1 if r["unrepaired"] else 0

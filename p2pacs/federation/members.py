@@ -1,0 +1,93 @@
+"""The member sites this site knows: where they are, what they hold, whether they answer.
+
+Liveness comes from p2pacs's own heartbeats (mDNS never reports a partition and DHT contacts
+linger), so a site is "up" only while it has answered within ``down_after`` seconds. The table is
+kept in the site database so a restarted site still knows the federation, including the last
+catalogue of a member that is down: that is what lets the survivors restore its studies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import msgpack
+
+from p2pacs.federation.catalogue import SiteRecord
+from p2pacs.store import SiteDB
+
+__all__ = ["Member", "MemberTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    site_id: bytes
+    record: SiteRecord
+    last_seen: float  # unix time of the last answer; 0 if never
+    first_seen: float
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def is_up(self, down_after: float, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) - self.last_seen < down_after
+
+
+class MemberTable:
+    """Members by site_id, persisted in the ``fed_members`` sub-database."""
+
+    def __init__(self, db: SiteDB, own_id: bytes):
+        self._db = db
+        self._table = db.db("fed_members")
+        self.own_id = own_id
+        self._cache: dict[bytes, Member] = {}
+        with db.read() as txn:
+            for key, raw in txn.cursor(db=self._table):
+                rec, last_seen, first_seen = msgpack.unpackb(raw, raw=False)
+                self._cache[bytes(key)] = Member(
+                    bytes(key), SiteRecord.decode(rec), float(last_seen), float(first_seen)
+                )
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(list(self._cache.values()))
+
+    def get(self, site_id: bytes) -> Member | None:
+        return self._cache.get(site_id)
+
+    def upsert(self, site_id: bytes, record: SiteRecord, *, seen: bool) -> Member:
+        """Record what a member published; ``seen`` when it has just answered us."""
+        if site_id == self.own_id:
+            raise ValueError("a site is not its own member")
+        now = time.time()
+        old = self._cache.get(site_id)
+        member = Member(
+            site_id,
+            record,
+            now if seen else (old.last_seen if old else 0.0),
+            old.first_seen if old else now,
+        )
+        if old != member:
+            self._save(member)
+        return member
+
+    def mark_seen(self, site_id: bytes) -> None:
+        old = self._cache.get(site_id)
+        if old is not None:
+            self._save(replace(old, last_seen=time.time()))
+
+    def up(self, down_after: float) -> list[Member]:
+        now = time.time()
+        return [m for m in self._cache.values() if m.is_up(down_after, now)]
+
+    def _save(self, member: Member) -> None:
+        self._cache[member.site_id] = member
+        raw = msgpack.packb(
+            [member.record.encode(), member.last_seen, member.first_seen], use_bin_type=True
+        )
+
+        def job(txn: object) -> None:
+            txn.put(member.site_id, raw, db=self._table)  # type: ignore[attr-defined]
+
+        self._db.submit(job)

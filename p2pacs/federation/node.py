@@ -1,0 +1,427 @@
+"""A site's membership in the federation: DHT, peer transfer, discovery, members, retrieval.
+
+``FederationNode`` is the asyncio side of a site. It owns the DHT node, the mutual-TLS transfer
+server and client, mDNS discovery, the member table with heartbeats, the publisher, and the
+healing loops; its tasks live in one TaskGroup that ``stop`` cancels. DICOM handler threads reach
+it only through ``ensure_local``/``commitment``/``repair_blob``, which bridge onto the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from dht import DhtNode
+from p2pacs.archive import Archive
+from p2pacs.config import parse_hostport
+from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
+from p2pacs.federation.catalogue import (
+    SITE_NAMESPACE,
+    STUDY_NAMESPACE,
+    Catalogue,
+    SiteRecord,
+    StudyHolding,
+)
+from p2pacs.federation.identity import load_identity
+from p2pacs.federation.manifest import Manifest, ManifestEntry
+from p2pacs.federation.members import Member, MemberTable
+from p2pacs.federation.publisher import Publisher
+from p2pacs.site import Site
+from p2pacs.transfer.client import Peer, PeerClient
+from p2pacs.transfer.server import TransferServer
+
+__all__ = ["FederationNode", "Holder", "StudyFetch"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BRIDGE_TIMEOUT = 600.0  # seconds a DICOM thread waits for a read-through fetch
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """A site that published a manifest of a study."""
+
+    site_id: bytes
+    name: str
+    holding: StudyHolding
+    peer: Peer | None  # None when its transfer address is not known yet
+    up: bool
+
+
+@dataclass(slots=True)
+class StudyFetch:
+    """Outcome of pulling one study from peers."""
+
+    study_uid: str
+    instances: int = 0  # versions newly indexed here
+    blobs: int = 0
+    bytes: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+
+ProgressFn = Callable[[int], None]  # bytes just received
+
+
+class FederationNode:
+    def __init__(self, site: Site, archive: Archive, *, dicom_address: tuple[str, int]):
+        self.site = site
+        self.archive = archive
+        self.config = site.config.federation
+        self.identity, self.federation = load_identity(site)
+        self.site_id: bytes = self.identity.site_id
+        self.site_hex = self.site_id.hex()
+        self.name = self.identity.name
+        self.dicom_address = dicom_address
+        self.started_at = time.time()
+        self.members = MemberTable(archive.db, self.site_id)
+        self.dht: DhtNode | None = None
+        self.server: TransferServer | None = None
+        self.client: PeerClient | None = None
+        self.discovery: Any = None
+        self.publisher = Publisher(archive, self.site_hex, self._dht_put, self.site_record)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._study_locks: dict[str, asyncio.Lock] = {}
+        self._extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
+        self.ready = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def add_task(self, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``factory()`` in the node's TaskGroup (healing loops register here)."""
+        self._extra_tasks.append(factory)
+
+    async def start(self, install_routes: Callable[[Any], None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        bootstrap = [parse_hostport(b, cfg.dht_port) for b in cfg.bootstrap]
+        bootstrap += [(m.record.host, m.record.dht_port) for m in self.members]
+        self.dht = await DhtNode.start(
+            self.identity,
+            self.federation,
+            host=cfg.bind,
+            port=cfg.dht_port,
+            storage_path=self.site.dht_path,
+            bootstrap=bootstrap,
+        )
+        self.client = PeerClient(self.identity, self.federation)
+        await self.client.__aenter__()
+        self.server = TransferServer(
+            self.archive.blobs,
+            self.identity,
+            self.federation,
+            host=cfg.bind,
+            port=cfg.transfer_port,
+            extra_routes=install_routes,
+        )
+        await self.server.start()
+        if cfg.discovery:
+            await self._start_discovery()
+        self.archive.on_ingest(self._on_ingest_thread)
+        self._runner = asyncio.create_task(self._run(), name=f"federation-{self.name}")
+        log.info(
+            "site %s (%s) in federation: dht %s transfer %s",
+            self.name,
+            self.site_hex[:12],
+            self.dht.address,
+            self.server.address,
+        )
+
+    async def _start_discovery(self) -> None:
+        from p2pacs.discovery import Discovery
+
+        assert self.server is not None and self.dht is not None
+        try:
+            self.discovery = Discovery(
+                self.identity,
+                self.federation,
+                host=self.config.host,
+                dht_port=self.dht.address[1],
+                transfer_port=self.server.address[1],
+                dicom_port=self.dicom_address[1],
+                ae_title=self.site.config.dicom.ae_title,
+            )
+            await self.discovery.start()
+        except Exception as exc:  # discovery is a convenience; static bootstrap still works
+            log.warning("mDNS discovery unavailable (%s); using static bootstrap only", exc)
+            self.discovery = None
+
+    async def _run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.publisher.run(), name="publish")
+            tg.create_task(self._heartbeat_loop(), name="heartbeat")
+            for factory in self._extra_tasks:
+                tg.create_task(factory())
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+            self._runner = None
+        if self.discovery is not None:
+            try:
+                await self.discovery.stop()
+            except Exception:
+                log.debug("discovery stop failed", exc_info=True)
+            self.discovery = None
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.client is not None:
+            await self.client.__aexit__(None, None, None)
+            self.client = None
+        if self.dht is not None:
+            await self.dht.stop()
+            self.dht = None
+
+    # --- records ----------------------------------------------------------------------------------
+
+    def site_record(self) -> SiteRecord:
+        assert self.server is not None and self.dht is not None
+        return SiteRecord(
+            name=self.name,
+            host=self.config.host,
+            transfer_port=self.server.address[1],
+            dht_port=self.dht.address[1],
+            catalogue_hash=self.publisher.catalogue_hash,
+            studies=len(self.publisher.entries),
+            started=self.started_at,
+        )
+
+    async def _dht_put(self, namespace: str, key: str, value: bytes, ttl: float) -> int:
+        assert self.dht is not None
+        return await self.dht.put(namespace, key, value, ttl)
+
+    def _on_ingest_thread(self, ingested: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.publisher.mark, [ingested.study_uid])
+
+    # --- members ----------------------------------------------------------------------------------
+
+    def peer_of(self, member: Member) -> Peer:
+        r = member.record
+        return Peer(member.site_id, r.name, r.host, r.transfer_port)
+
+    def live_members(self) -> list[Member]:
+        return self.members.up(self.config.down_after)
+
+    def live_site_ids(self) -> set[bytes]:
+        return {self.site_id} | {m.site_id for m in self.live_members()}
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(0.5, min(5.0, self.config.down_after / 4))
+        while True:
+            try:
+                await self.heartbeat()
+            except Exception:
+                log.exception("heartbeat round failed")
+            await asyncio.sleep(interval)
+
+    async def heartbeat(self) -> None:
+        """Learn new members (DHT contacts, mDNS) and check that every known one answers."""
+        assert self.dht is not None and self.client is not None
+        known = {m.site_id for m in self.members}
+        candidates: set[bytes] = {c.site_id for c in self.dht.contacts()}
+        if self.discovery is not None:
+            found = self.discovery.found()
+            await self._bootstrap_from(found)
+            candidates |= {d.site_id for d in found}
+        for site_id in candidates - known - {self.site_id}:
+            await self.refresh_member(site_id)
+        await asyncio.gather(*(self._ping(m) for m in self.members), return_exceptions=True)
+
+    async def _bootstrap_from(self, found: list[Any]) -> None:
+        assert self.dht is not None
+        contacts = {c.site_id for c in self.dht.contacts()}
+        fresh = [(d.host, d.dht_port) for d in found if d.site_id not in contacts]
+        if fresh:
+            await self.dht.bootstrap(fresh)
+
+    async def refresh_member(self, site_id: bytes) -> Member | None:
+        """Look up a site's own ``site/<id>`` record on the DHT."""
+        assert self.dht is not None
+        for entry in await self.dht.get(SITE_NAMESPACE, site_id.hex()):
+            if entry.publisher == site_id:
+                try:
+                    return self.members.upsert(site_id, SiteRecord.decode(entry.value), seen=False)
+                except (P2PacsError, ValueError):
+                    log.warning("ignoring a malformed site record of %s", site_id.hex()[:12])
+        return None
+
+    async def _ping(self, member: Member) -> None:
+        assert self.client is not None
+        try:
+            raw = await asyncio.wait_for(
+                self.client.request_json(self.peer_of(member), "GET", "/v1/site"), 3.0
+            )
+            record = SiteRecord(**{k: raw[k] for k in SiteRecord.__slots__})
+        except (P2PacsError, OSError, TimeoutError, KeyError, TypeError):
+            return
+        self.members.upsert(member.site_id, record, seen=True)
+
+    # --- holders and fetching -------------------------------------------------------------------
+
+    async def holders(self, study_uid: str) -> list[Holder]:
+        """Every other site that published a manifest of ``study_uid``, live ones first."""
+        assert self.dht is not None
+        out = []
+        for entry in await self.dht.get(STUDY_NAMESPACE, study_uid):
+            if entry.publisher == self.site_id:
+                continue
+            try:
+                holding = StudyHolding.decode(entry.value)
+            except P2PacsError:
+                continue
+            member = self.members.get(entry.publisher) or await self.refresh_member(entry.publisher)
+            peer = self.peer_of(member) if member else None
+            up = bool(member and member.is_up(self.config.down_after))
+            out.append(Holder(entry.publisher, entry.publisher_name, holding, peer, up))
+        out.sort(key=lambda h: (not h.up, h.site_id))
+        return out
+
+    def _lock(self, study_uid: str) -> asyncio.Lock:
+        return self._study_locks.setdefault(study_uid, asyncio.Lock())
+
+    async def fetch_blob(self, h: str, size: int | None, peers: list[Peer]) -> None:
+        """Fetch one blob (manifest, catalogue, instance) from the first holder that has it."""
+        assert self.client is not None
+        if self.archive.blobs.has(h):
+            return
+        if not peers:
+            raise PeerUnavailableError(f"no reachable site holds blob {h[:16]}")
+        await self.client.fetch_into(peers, h, size, self.archive.blobs)
+
+    async def fetch_manifest(self, h: str, peers: list[Peer]) -> Manifest:
+        await self.fetch_blob(h, None, peers)
+        data = await asyncio.to_thread(self.archive.blobs.get, h)
+        return Manifest.decode(data, h)
+
+    def live_peers(self) -> list[Peer]:
+        return [self.peer_of(m) for m in self.live_members()]
+
+    async def fetch_study(
+        self,
+        study_uid: str,
+        *,
+        extra_manifests: tuple[str, ...] = (),
+        progress: ProgressFn | None = None,
+    ) -> StudyFetch:
+        """Pull every version of a study that other sites hold and this one lacks."""
+        async with self._lock(study_uid):
+            return await self._fetch_study(study_uid, extra_manifests, progress)
+
+    async def _fetch_study(
+        self, study_uid: str, extra_manifests: tuple[str, ...], progress: ProgressFn | None
+    ) -> StudyFetch:
+        assert self.client is not None
+        result = StudyFetch(study_uid)
+        holders = [h for h in await self.holders(study_uid) if h.peer is not None]
+        peers = [h.peer for h in holders if h.peer is not None]
+        live = [h.peer for h in holders if h.up and h.peer is not None] or peers
+        wanted: dict[str, list[Peer]] = {}
+        for h in holders:
+            assert h.peer is not None
+            wanted.setdefault(h.holding.manifest_hash, []).append(h.peer)
+        for mh in extra_manifests:
+            wanted.setdefault(mh, []).extend(self.live_peers())
+        if not wanted:
+            raise PeerUnavailableError(f"no other site holds study {study_uid}")
+        entries: dict[tuple[str, str], ManifestEntry] = {}
+        for mh, mpeers in wanted.items():
+            try:
+                manifest = await self.fetch_manifest(mh, mpeers)
+            except P2PacsError as exc:
+                result.failed[f"manifest:{mh}"] = str(exc)
+                continue
+            for e in manifest.entries:
+                entries[(e.sop_uid, e.hash)] = e
+        todo = [
+            e for e in sorted(entries.values(), key=lambda e: e.received) if not self._indexed(e)
+        ]
+        missing = self.archive.blobs.missing({e.hash for e in todo})
+        sizes = {e.hash: e.size for e in todo}
+        if missing:
+            report = await self.client.fetch_many(
+                [(h, sizes[h], live) for h in missing],
+                self.archive.blobs,
+                progress=(lambda done, _total: progress(done)) if progress else None,
+            )
+            result.blobs += report.fetched
+            result.bytes += report.bytes
+            result.failed.update(report.failed)
+        for e in todo:
+            if e.hash in result.failed:
+                continue
+            try:
+                await asyncio.to_thread(self._index_fetched, e)
+                result.instances += 1
+            except P2PacsError as exc:
+                result.failed[e.hash] = str(exc)
+        if result.instances:
+            self.publisher.mark([study_uid])
+        if result.complete:
+            for listener in self.on_fetched:
+                listener(study_uid)
+        return result
+
+    def _indexed(self, e: ManifestEntry) -> bool:
+        rec = self.archive.index.instance(e.sop_uid)
+        return rec is not None and any(v.hash == e.hash for v in rec.versions)
+
+    def _index_fetched(self, e: ManifestEntry) -> None:
+        data = self.archive.blobs.get(e.hash)
+        self.archive.ingest(data, e.transfer_syntax, e.prefix, received=e.received)
+
+    # --- bridges for DICOM threads --------------------------------------------------------------
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = BRIDGE_TIMEOUT) -> T:
+        """Run ``coro`` on the node's loop from another thread and wait for its result."""
+        if self._loop is None:
+            coro.close()
+            raise FederationError("the federation node is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def held(self, study_uid: str) -> bool:
+        return self.archive.index.study(study_uid) is not None and (
+            study_uid not in self.publisher.pending
+        )
+
+    def ensure_local(self, study_uids: list[str]) -> None:
+        """Read-through for C-MOVE/C-GET: fetch studies this site does not hold (yet)."""
+        for uid in study_uids:
+            if self.held(uid):
+                continue
+            pending = self.publisher.pending.get(uid)
+            extra = (pending.manifest_hash,) if pending else ()
+            log.info("read-through: fetching study %s from peers", uid)
+            fetched = self.call(self.fetch_study(uid, extra_manifests=extra))
+            log.info(
+                "read-through of %s: %d instances, %d bytes%s",
+                uid,
+                fetched.instances,
+                fetched.bytes,
+                f", {len(fetched.failed)} failed" if fetched.failed else "",
+            )
+
+    async def catalogue_of(self, member: Member) -> Catalogue | None:
+        """A member's latest catalogue, fetched from it (or any holder) when we lack it."""
+        h = member.record.catalogue_hash
+        if not h:
+            return None
+        peers = [self.peer_of(member), *self.live_peers()]
+        await self.fetch_blob(h, None, peers)
+        data = await asyncio.to_thread(self.archive.blobs.get, h)
+        return Catalogue.decode(data, h)

@@ -1,0 +1,113 @@
+"""Publication: manifests, ``study/<uid>`` records and the site's catalogue, in batches.
+
+Ingest marks a study dirty; one task wakes, waits a short batching window (a study arriving at
+hundreds of instances per second is published once, not once per instance), stores each dirty
+study's manifest as a blob, puts its ``study/<uid>`` entry on the DHT, then the catalogue blob
+and the ``site/<id>`` record. Entries for studies still being recovered keep their previous
+manifest hash, so a recovering site never advertises that it lost them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from p2pacs.archive import Archive
+from p2pacs.federation.catalogue import (
+    SITE_NAMESPACE,
+    STUDY_NAMESPACE,
+    Catalogue,
+    CatalogueEntry,
+    SiteRecord,
+    StudyHolding,
+)
+from p2pacs.federation.manifest import Manifest, build_manifest
+
+__all__ = ["RECORD_TTL", "Publisher"]
+
+log = logging.getLogger(__name__)
+
+RECORD_TTL = 48 * 3600.0  # seconds a DHT entry lives unless republished (libp2p provider records)
+BATCH_WINDOW = 0.3  # seconds to gather instances of a study before publishing it once
+
+PutFn = Callable[[str, str, bytes, float], Awaitable[int]]
+
+
+class Publisher:
+    """Keeps this site's manifests, catalogue and DHT records in step with its archive."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        site_hex: str,
+        put: PutFn,
+        site_record: Callable[[], SiteRecord],
+    ):
+        self.archive = archive
+        self.site_hex = site_hex
+        self._put = put
+        self._site_record = site_record
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self.entries: dict[str, CatalogueEntry] = {}
+        self.pending: dict[str, CatalogueEntry] = {}  # studies held before a wipe, not yet back
+        self.catalogue_hash = ""
+        self.published = asyncio.Event()  # set after each completed round
+        # set once recovery has read the previous catalogue: until then publishing ``site/<id>``
+        # could replace a wiped site's record with an empty catalogue
+        self.site_ready = asyncio.Event()
+        self.on_published: list[Callable[[list[str]], None]] = []
+
+    def mark(self, study_uids: Iterable[str]) -> None:
+        """Thread-unsafe: call on the loop (the node bridges ingest threads here)."""
+        self._dirty.update(study_uids)
+        self._wake.set()
+
+    def manifest_of(self, study_uid: str) -> Manifest:
+        return build_manifest(study_uid, self.archive.index.study_instances(study_uid))
+
+    async def run(self) -> None:
+        """Publish forever: wake on dirty studies, batch, publish."""
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(BATCH_WINDOW)
+            self._wake.clear()
+            studies, self._dirty = sorted(self._dirty), set()
+            try:
+                await self.publish(studies)
+            except Exception as exc:  # the DHT may be unreachable for a while: retry later
+                log.warning("publication of %d studies failed (%s); will retry", len(studies), exc)
+                self._dirty.update(studies)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+
+    async def publish(self, studies: list[str]) -> None:
+        for uid in studies:
+            manifest = await asyncio.to_thread(self.manifest_of, uid)
+            if not manifest.entries:
+                continue
+            data = manifest.encode()
+            h = await self.archive.blobs.aput(data)
+            study = self.archive.index.study(uid)
+            date = str(study.attrs.get("StudyDate", "")) if study else ""
+            entry = CatalogueEntry(
+                uid, h, date, manifest.instances, manifest.total_bytes,
+                study.updated if study else 0.0,
+            )  # fmt: skip
+            if self.entries.get(uid) != entry:
+                holding = StudyHolding(h, manifest.instances, manifest.total_bytes)
+                await self._put(STUDY_NAMESPACE, uid, holding.encode(), RECORD_TTL)
+                self.entries[uid] = entry
+        if self.site_ready.is_set():
+            await self.publish_site()
+        for listener in self.on_published:
+            listener(studies)
+        self.published.set()
+
+    async def publish_site(self) -> None:
+        """Store the catalogue blob (held + still-recovering studies) and put ``site/<id>``."""
+        merged = {**self.entries, **self.pending}  # a study being restored keeps its old entry
+        catalogue = Catalogue.of(self.site_hex, merged.values())
+        self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())
+        await self._put(SITE_NAMESPACE, self.site_hex, self._site_record().encode(), RECORD_TTL)

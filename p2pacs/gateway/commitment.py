@@ -1,0 +1,148 @@
+"""Storage Commitment Push Model SCP (PS3.4 Annex J).
+
+N-ACTION is answered at once; a worker then asks the site whether each referenced instance is
+safe (held by R sites) and reports the outcome with N-EVENT-REPORT on a new association to the
+requesting AE (found in the configured destinations), acting in the SCP role (PS3.4 J.3.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+
+from p2pacs.archive import Archive
+from p2pacs.config import DicomConfig, parse_hostport
+from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.dicom.uids import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from p2pacs.errors import ConfigError
+from p2pacs.gateway import status
+
+__all__ = ["CommitmentHandler", "CommitmentResult"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0  # seconds to wait for R copies before reporting failures
+
+
+@dataclass(slots=True)
+class CommitmentResult:
+    committed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+CommitFn = Callable[[list[tuple[str, str]], float], CommitmentResult]
+
+
+def local_commitment(archive: Archive) -> CommitFn:
+    """Without a federation: committed iff this site holds the instance."""
+
+    def check(refs: list[tuple[str, str]], timeout: float) -> CommitmentResult:
+        result = CommitmentResult()
+        for sop_class, sop in refs:
+            rec = archive.index.instance(sop)
+            if rec is not None and rec.sop_class_uid == sop_class:
+                result.committed.append((sop_class, sop))
+            else:
+                result.failed.append((sop_class, sop, status.NO_SUCH_SOP_INSTANCE))
+        return result
+
+    return check
+
+
+class CommitmentHandler:
+    def __init__(self, config: DicomConfig, check: CommitFn, timeout: float = DEFAULT_TIMEOUT):
+        self.config = config
+        self.check = check
+        self.timeout = timeout
+        self.reports_sent = 0
+
+    def __call__(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        if event.action_type != 1:
+            return 0x0123, None  # no such action type
+        info = event.action_information
+        try:
+            transaction = str(info.TransactionUID)
+            refs = [
+                (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
+                for item in info.ReferencedSOPSequence
+            ]
+        except (AttributeError, TypeError, ValueError) as exc:
+            log.warning("malformed storage commitment request: %s", exc)
+            return 0x0110, None
+        requestor = event.assoc.requestor.ae_title.strip()
+        threading.Thread(
+            target=self._report,
+            args=(requestor, transaction, refs),
+            name=f"commitment-{transaction[-8:]}",
+            daemon=True,
+        ).start()
+        return status.SUCCESS, None
+
+    def _report(self, requestor: str, transaction: str, refs: list[tuple[str, str]]) -> None:
+        try:
+            result = self.check(refs, self.timeout)
+        except Exception:
+            log.exception("storage commitment check failed")
+            result = CommitmentResult(failed=[(c, s, status.PROCESSING_FAILURE) for c, s in refs])
+        address = self.config.destinations.get(requestor)
+        if address is None:
+            log.error(
+                "cannot report storage commitment to %s: add it to [dicom] destinations", requestor
+            )
+            return
+        try:
+            host, port = parse_hostport(address)
+        except ConfigError as exc:
+            log.error("bad destination for %s: %s", requestor, exc)
+            return
+        ds = Dataset()
+        ds.TransactionUID = transaction
+        if result.committed:
+            ds.ReferencedSOPSequence = [_ref(c, s) for c, s in result.committed]
+        if result.failed:
+            items = []
+            for c, s, reason in result.failed:
+                item = _ref(c, s)
+                item.FailureReason = reason
+                items.append(item)
+            ds.FailedSOPSequence = items
+        event_type = 2 if result.failed else 1
+        ae = AE(ae_title=self.config.ae_title)
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+        assoc = ae.associate(
+            host,
+            port,
+            ae_title=requestor,
+            ext_neg=[cast(Any, build_role(STORAGE_COMMITMENT_PUSH, scp_role=True))],
+            evt_handlers=nodelay_handlers(),
+        )
+        if not assoc.is_established:
+            log.error("cannot reach %s at %s to report storage commitment", requestor, address)
+            return
+        try:
+            rsp, _ = assoc.send_n_event_report(
+                ds, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+            )
+            self.reports_sent += 1
+            log.info(
+                "storage commitment %s: %d committed, %d failed (reply 0x%04X)",
+                transaction,
+                len(result.committed),
+                len(result.failed),
+                int(getattr(rsp, "Status", 0xFFFF)),
+            )
+        finally:
+            assoc.release()
+
+
+def _ref(sop_class: str, sop_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_uid
+    return item

@@ -1,0 +1,135 @@
+"""C-MOVE and C-GET: send stored instances back, exactly as they were received.
+
+Each instance is handed to pynetdicom as a dataset read from its stored Part-10 bytes without
+touching the pixel data; undecoded elements are written back byte for byte in the transfer
+syntax they were stored in. A destination that did not accept that transfer syntax gets a
+counted sub-operation failure, never a transcoded or corrupt file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import build_context, evt
+
+from p2pacs.archive import Archive
+from p2pacs.config import DicomConfig, parse_hostport
+from p2pacs.dicom import Level
+from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.errors import ConfigError, P2PacsError
+from p2pacs.gateway import status
+from p2pacs.gateway.find import parse_identifier
+from p2pacs.gateway.rawsend import StoredInstance, install
+from p2pacs.index import InstanceRecord
+
+__all__ = ["RetrieveHandlers"]
+
+install()
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 120  # presentation contexts proposed to a C-MOVE destination (128 at most)
+
+
+class RetrieveHandlers:
+    def __init__(
+        self,
+        archive: Archive,
+        config: DicomConfig,
+        ensure_local: Callable[[list[str]], None] | None,
+    ):
+        self.archive = archive
+        self.config = config
+        self.ensure_local = ensure_local
+
+    def _matches(self, identifier: Dataset) -> list[InstanceRecord]:
+        level, query = parse_identifier(identifier)
+        studies = query.get("StudyInstanceUID")
+        uids = studies if isinstance(studies, list) else [studies] if studies else []
+        if self.ensure_local is not None and uids:
+            try:
+                self.ensure_local([u for u in uids if u])
+            except P2PacsError as exc:
+                log.warning("read-through for %s failed: %s", uids, exc)
+            except Exception:
+                log.exception("read-through failed")
+        unique = {k: v for k, v in query.items() if v not in ("", None)}
+        if not unique:
+            raise ValueError(f"a {level.value} retrieve needs at least one unique key")
+        records = []
+        seen = set()
+        for row in self.archive.index.find(Level.IMAGE, unique):
+            sop = str(row.get("SOPInstanceUID", ""))
+            rec = self.archive.index.instance(sop) if sop and sop not in seen else None
+            if rec is not None:
+                seen.add(sop)
+                records.append(rec)
+        return records
+
+    def _datasets(
+        self, records: list[InstanceRecord], event: evt.Event
+    ) -> Iterator[tuple[int, Any]]:
+        for rec in records:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            try:
+                v = rec.current
+                raw = self.archive.blob(v.hash)
+                yield (
+                    status.PENDING,
+                    StoredInstance(
+                        rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw
+                    ),
+                )
+            except P2PacsError as exc:
+                log.error("cannot send %s: %s", rec.sop_uid, exc)
+                yield status.PENDING, None  # counted as a failed sub-operation
+
+    def on_get(self, event: evt.Event) -> Iterator[tuple[int, Any] | int]:
+        try:
+            records = self._matches(event.identifier)
+        except Exception as exc:
+            log.warning("C-GET refused: %s", exc)
+            yield status.IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        yield len(records)
+        yield from self._datasets(records, event)
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        destination = str(event.move_destination).strip()
+        address = self.config.destinations.get(destination)
+        if address is None:
+            log.warning("C-MOVE to unknown destination %r", destination)
+            yield None, None
+            return
+        try:
+            host, port = parse_hostport(address)
+        except ConfigError:
+            yield None, None
+            return
+        try:
+            records = self._matches(event.identifier)
+        except Exception as exc:
+            log.warning("C-MOVE refused: %s", exc)
+            yield host, port, {"contexts": [], "evt_handlers": nodelay_handlers()}
+            yield status.IDENTIFIER_DOES_NOT_MATCH, None
+            return
+        # one context per (SOP class, transfer syntax): the destination accepts one syntax per
+        # context, and each instance must go in the syntax it was stored in
+        pairs = sorted({(r.sop_class_uid, r.current.transfer_syntax) for r in records})
+        contexts = [build_context(c, [ts]) for c, ts in pairs[:MAX_CONTEXTS]]
+        yield (
+            host,
+            port,
+            {
+                "contexts": contexts,
+                "evt_handlers": nodelay_handlers(),
+                "max_pdu": self.config.max_pdu,
+            },
+        )
+        yield len(records)
+        yield from self._datasets(records, event)

@@ -1,0 +1,105 @@
+"""The DICOM gateway: a pynetdicom SCP in front of the archive.
+
+C-ECHO, C-STORE (all storage SOP classes, every transfer syntax pynetdicom knows, stored as
+received), C-FIND and C-MOVE/C-GET for Patient Root and Study Root, and Storage Commitment.
+Handlers run on pynetdicom's association threads and always answer with a status.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from p2pacs.archive import Archive
+from p2pacs.config import DicomConfig
+from p2pacs.dicom import uids
+from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.errors import ConfigError
+from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
+from p2pacs.gateway.find import FindHandler
+from p2pacs.gateway.retrieve import RetrieveHandlers
+from p2pacs.gateway.store import StoreHandler
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger(__name__)
+
+
+def _log_association(event: evt.Event) -> None:
+    req = event.assoc.requestor
+    log.info("association from %s (%s:%s)", req.ae_title.strip(), req.address, req.port)
+
+
+class Gateway:
+    def __init__(
+        self,
+        archive: Archive,
+        config: DicomConfig,
+        *,
+        ensure_local: Callable[[list[str]], None] | None = None,
+        commitment: CommitFn | None = None,
+    ):
+        self.archive = archive
+        self.config = config
+        self.ae = AE(ae_title=config.ae_title)
+        self.ae.maximum_pdu_size = config.max_pdu
+        self.ae.network_timeout = config.network_timeout
+        self.ae.acse_timeout = self.ae.dimse_timeout = config.network_timeout
+        self.ae.maximum_associations = 64
+        if config.allowed_calling_aets:
+            self.ae.require_calling_aet = list(config.allowed_calling_aets)
+        self.ae.add_supported_context(uids.VERIFICATION)
+        for cx in AllStoragePresentationContexts:
+            # scp_role lets a C-GET requestor receive the instances on the same association
+            self.ae.add_supported_context(
+                str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=False, scp_role=True
+            )
+        for model in (*uids.QUERY_RETRIEVE, uids.STORAGE_COMMITMENT_PUSH):
+            self.ae.add_supported_context(model)
+        self.retrieve = RetrieveHandlers(archive, config, ensure_local)
+        self.commitment = CommitmentHandler(config, commitment or local_commitment(archive))
+        self.handlers: list[Any] = [
+            *nodelay_handlers(),
+            (evt.EVT_REQUESTED, _log_association),
+            (evt.EVT_C_STORE, StoreHandler(archive)),
+            (evt.EVT_C_FIND, FindHandler(archive.index)),
+            (evt.EVT_C_GET, self.retrieve.on_get),
+            (evt.EVT_C_MOVE, self.retrieve.on_move),
+            (evt.EVT_N_ACTION, self.commitment),
+        ]
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Listen without blocking; port 0 picks a free port (see ``address``)."""
+        with self._lock:
+            if self._server is not None:
+                return
+            try:
+                self._server = self.ae.start_server(
+                    (self.config.bind, self.config.port),
+                    block=False,
+                    evt_handlers=self.handlers,
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen for DICOM on {self.config.bind}:{self.config.port}: "
+                    f"{exc.strerror}; choose another port with 'serve --port'"
+                ) from exc
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None, "gateway not started"
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None

@@ -1,0 +1,242 @@
+"""A federation of real site processes on this machine: the demo's and the fault tests' stage.
+
+Each site is a ``p2pacs serve`` process with its own directory, identity and ports, so it can be
+killed with SIGKILL, wiped and restarted exactly as a hospital's archive server could.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from p2pacs.errors import P2PacsError, PeerUnavailableError
+from p2pacs.node import RUNFILE
+from p2pacs.site import Site
+
+__all__ = ["SiteProcess", "Testbed", "free_port", "wait_for"]
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 60.0  # seconds for a site process to print its ready line
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free for both TCP and UDP right now on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        with socket.socket(socket.AF_INET, other) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise OSError("no free port found on 127.0.0.1")
+
+
+def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+@dataclass
+class SiteProcess:
+    name: str
+    path: Path
+    aet: str
+    dicom_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.path.parent / f"{self.name}.log"
+
+    @property
+    def site(self) -> Site:
+        return Site.open(self.path)
+
+    def start(self, *args: str) -> None:
+        """Start ``p2pacs serve`` (or another command) and wait for its ready line."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log_file = self.log_path.open("ab")
+        cmd = [
+            sys.executable,
+            "-m",
+            "p2pacs",
+            "-v",
+            "--site",
+            str(self.path),
+            *(args or ("serve",)),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, start_new_session=True
+        )
+        log_file.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise PeerUnavailableError(
+                    f"site {self.name} exited before it was ready; see {self.log_path}"
+                )
+            if line.startswith(b"ready "):
+                return
+        raise PeerUnavailableError(f"site {self.name} was not ready in {READY_TIMEOUT:.0f} s")
+
+    def run_cli(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[bytes]:
+        """Run another ``p2pacs`` command against this site, as its operator would."""
+        return subprocess.run(
+            [sys.executable, "-m", "p2pacs", "--site", str(self.path), *args],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as in a crash or power loss."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+
+    def wipe(self) -> None:
+        """Lose the archive and all federation state; keep only the identity and config."""
+        site = self.site
+        for path in (site.db_path, site.dht_path):
+            shutil.rmtree(path, ignore_errors=True)
+        (self.path / RUNFILE).unlink(missing_ok=True)
+
+    def status(self) -> dict[str, Any]:
+        from p2pacs.cli.local import connect
+
+        async def run() -> dict[str, Any]:
+            async with connect(self.site, timeout=15) as node:
+                return dict(await node.get_json("/v1/status"))
+
+        return asyncio.run(run())
+
+    def find(self, study_uid: str) -> list[dict[str, Any]]:
+        from p2pacs.cli.local import connect
+
+        async def run() -> list[dict[str, Any]]:
+            async with connect(self.site, timeout=30) as node:
+                found = await node.get_json("/v1/find", study=study_uid)
+                return list(found["holders"])
+
+        return asyncio.run(run())
+
+
+class Testbed:
+    """A fresh federation of named sites in ``root``; stops every process it started."""
+
+    def __init__(
+        self,
+        root: Path,
+        names: Sequence[str],
+        *,
+        replication: int = 2,
+        down_after: float = 4.0,
+        repair_interval: float = 2.0,
+        host: str = "127.0.0.1",
+    ):
+        from p2pacs.federation.identity import create_federation_dir, enroll_site
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.fed_dir = create_federation_dir(root / "federation", "p2pacs-demo")
+        self.sites: dict[str, SiteProcess] = {}
+        first_dht: int | None = None
+        for name in names:
+            dicom, transfer, dht = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+            aet = name.upper().replace("-", "")[:16]
+            bootstrap = [f"{host}:{first_dht}"] if first_dht else []
+            site = enroll_site(
+                self.fed_dir,
+                name,
+                root / name,
+                host=host,
+                bind=host,
+                aet=aet,
+                dicom_port=dicom,
+                dht_port=dht,
+                transfer_port=transfer,
+                bootstrap=bootstrap,
+                replication=replication,
+                discovery=False,
+            )
+            site.config.federation.down_after = down_after
+            site.config.federation.repair_interval = repair_interval
+            site.config.dicom.bind = host
+            site.save_config()
+            first_dht = first_dht or dht
+            self.sites[name] = SiteProcess(name, root / name, aet, dicom)
+        # every site bootstraps from the first one; the first from the second
+        if len(names) > 1 and first_dht is not None:
+            first = self.sites[names[0]].site
+            second = self.sites[names[1]].site
+            first.config.federation.bootstrap = [f"{host}:{second.config.federation.dht_port}"]
+            first.save_config()
+
+    def __getitem__(self, name: str) -> SiteProcess:
+        return self.sites[name]
+
+    def start(self) -> None:
+        for site in self.sites.values():
+            site.start()
+
+    def close(self) -> None:
+        for site in self.sites.values():
+            try:
+                site.stop()
+            except (OSError, subprocess.SubprocessError, P2PacsError):
+                site.kill()
+
+    def __enter__(self) -> Testbed:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,304 @@
+"""The transfer client: fetch blobs from member sites, verify every byte, fall back on failure.
+
+A blob is accepted only if its BLAKE3 matches the hash it was asked by; a holder that serves
+wrong bytes, cuts the stream or is unreachable is skipped (and counted) and the next holder is
+tried. Large blobs held by several sites are fetched as byte ranges from all of them at once,
+assembled in order into the store's streaming writer, and verified as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from dht.membership import Federation, Identity
+from p2pacs.errors import IntegrityError, MembershipError, PeerUnavailableError, TransferError
+from p2pacs.store import BlobStore, hash_bytes
+from p2pacs.transfer.tls import client_context, peer_site_id
+
+__all__ = ["FetchReport", "Peer", "PeerClient"]
+
+log = logging.getLogger(__name__)
+
+SMALL_BLOB = 8 << 20  # bytes: fetched whole into memory and verified before storing
+RANGE_SIZE = 4 << 20  # bytes per range when a large blob is split across holders
+STREAM_QUEUE = 8  # pieces buffered between the network and the store's writer (bounded memory)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    site_id: bytes
+    name: str
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+
+@dataclass(slots=True)
+class FetchReport:
+    fetched: int = 0
+    bytes: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    bad_peers: dict[str, int] = field(default_factory=dict)  # site name -> wrong blobs served
+
+
+class PeerClient:
+    """One connection pool to all peers; an async context manager."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        federation: Federation,
+        *,
+        timeout: float = 30.0,
+        connections_per_peer: int = 4,
+    ):
+        self.identity = identity
+        self.federation = federation
+        self.timeout = timeout
+        self.connections_per_peer = connections_per_peer
+        self._session: aiohttp.ClientSession | None = None
+        self.bad_peers: dict[str, int] = {}
+
+    async def __aenter__(self) -> PeerClient:
+        connector = aiohttp.TCPConnector(
+            ssl=client_context(self.identity, self.federation),
+            limit_per_host=self.connections_per_peer,
+            limit=0,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.timeout),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise TransferError("the peer client is not open; use 'async with PeerClient(...)'")
+        return self._session
+
+    def _check_peer(self, resp: aiohttp.ClientResponse, peer: Peer) -> None:
+        """The server's certificate must belong to the site we meant to reach."""
+        conn = resp.connection
+        ssl_object = (
+            conn.transport.get_extra_info("ssl_object") if conn and conn.transport else None
+        )
+        if ssl_object is None:
+            return  # connection already released (body fully read); checked on first use
+        actual = peer_site_id(ssl_object, self.federation)
+        if peer.site_id and actual != peer.site_id:
+            raise MembershipError(f"{peer.url} answered with the certificate of another site")
+
+    async def request_json(self, peer: Peer, method: str, path: str, json: Any = None) -> Any:
+        try:
+            async with self.session.request(method, peer.url + path, json=json) as resp:
+                self._check_peer(resp, peer)
+                if resp.status >= 400:
+                    raise TransferError(f"{peer.name} answered {resp.status} to {method} {path}")
+                return await resp.json()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PeerUnavailableError(f"{peer.name} ({peer.url}) unreachable: {exc}") from exc
+
+    async def health(self, peer: Peer) -> dict[str, Any]:
+        return dict(await self.request_json(peer, "GET", "/v1/health"))
+
+    async def have(self, peer: Peer, hashes: Sequence[str]) -> set[str]:
+        return set(await self.request_json(peer, "POST", "/v1/blobs/have", list(hashes)))
+
+    async def fetch_blob(
+        self, peer: Peer, h: str, *, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The raw bytes ``[start, end)`` of a blob as they arrive (not verified here)."""
+        headers = {}
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        try:
+            async with self.session.get(f"{peer.url}/v1/blobs/{h}", headers=headers) as resp:
+                self._check_peer(resp, peer)
+                if resp.status == 404:
+                    raise PeerUnavailableError(f"{peer.name} does not hold blob {h[:16]}")
+                if resp.status not in (200, 206):
+                    raise TransferError(f"{peer.name} answered {resp.status} for blob {h[:16]}")
+                async for piece in resp.content.iter_chunked(1 << 20):
+                    yield piece
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PeerUnavailableError(f"{peer.name} failed while sending {h[:16]}: {exc}") from exc
+
+    # --- verified fetches -----------------------------------------------------------------------
+
+    async def fetch_into(
+        self,
+        holders: Sequence[Peer],
+        h: str,
+        size: int | None,
+        blobs: BlobStore,
+        progress: Callable[[int], None] | None = None,
+    ) -> Peer | None:
+        """Store blob ``h`` from the first holder that serves the right bytes.
+
+        Returns the peer that supplied it (None if it was already stored)."""
+        if blobs.has(h):
+            return None
+        errors = []
+        if size is not None and size > SMALL_BLOB and len(holders) > 1:
+            try:
+                await self._fetch_ranges(holders, h, size, blobs, progress)
+                return holders[0]
+            except (IntegrityError, PeerUnavailableError, TransferError) as exc:
+                errors.append(f"ranged: {exc}")  # one holder lied or failed: go one by one
+        for peer in holders:
+            try:
+                if size is None or size <= SMALL_BLOB:
+                    data = b"".join([p async for p in self.fetch_blob(peer, h)])
+                    if hash_bytes(data) != h:
+                        raise IntegrityError(f"{peer.name} served bytes that do not match {h[:16]}")
+                    await blobs.aput(data)
+                    if progress is not None:
+                        progress(len(data))
+                else:
+                    await self._stream_into(self.fetch_blob(peer, h), h, blobs, progress)
+                return peer
+            except IntegrityError as exc:
+                self.bad_peers[peer.name] = self.bad_peers.get(peer.name, 0) + 1
+                log.warning("%s; trying another holder", exc)
+                errors.append(str(exc))
+            except (PeerUnavailableError, TransferError, MembershipError) as exc:
+                log.info("%s; trying another holder", exc)
+                errors.append(str(exc))
+        if any("do not match" in e or "hash to" in e for e in errors):
+            raise IntegrityError(f"no holder served blob {h[:16]} intact: {'; '.join(errors)}")
+        raise PeerUnavailableError(
+            f"blob {h[:16]} unavailable: {'; '.join(errors) or 'no holders'}"
+        )
+
+    async def _stream_into(
+        self,
+        pieces: AsyncIterator[bytes],
+        h: str,
+        blobs: BlobStore,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        """Feed an async byte stream to ``BlobStore.put_stream`` on a thread, memory bounded."""
+        q: queue.Queue[bytes | None] = queue.Queue(STREAM_QUEUE)
+        outcome: list[BaseException | None] = []
+
+        def writer() -> None:
+            try:
+                blobs.put_stream(iter(q.get, None), h)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+                while q.get() is not None:  # drain so the producer never blocks for ever
+                    pass
+
+        thread = threading.Thread(target=writer, name=f"put-{h[:8]}", daemon=True)
+        thread.start()
+        loop = asyncio.get_running_loop()
+        try:
+            async for piece in pieces:
+                await loop.run_in_executor(None, q.put, piece)
+                if progress is not None:
+                    progress(len(piece))
+        finally:
+            await loop.run_in_executor(None, q.put, None)
+            await asyncio.to_thread(thread.join)
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+
+    async def _fetch_ranges(
+        self,
+        holders: Sequence[Peer],
+        h: str,
+        size: int,
+        blobs: BlobStore,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        ranges = [(s, min(s + RANGE_SIZE, size)) for s in range(0, size, RANGE_SIZE)]
+
+        async def one(i: int, start: int, end: int) -> bytes:
+            last: Exception | None = None
+            for k in range(len(holders)):
+                peer = holders[(i + k) % len(holders)]
+                try:
+                    data = b"".join(
+                        [p async for p in self.fetch_blob(peer, h, start=start, end=end)]
+                    )
+                    if len(data) != end - start:
+                        raise PeerUnavailableError(f"{peer.name} sent a short range of {h[:16]}")
+                    return data
+                except (PeerUnavailableError, TransferError, MembershipError) as exc:
+                    last = exc
+            raise PeerUnavailableError(f"range {start}-{end} of {h[:16]}: {last}")
+
+        async def ordered() -> AsyncIterator[bytes]:
+            window = max(2, 2 * len(holders))
+            tasks: list[asyncio.Task[bytes]] = []
+            try:
+                for i, (start, end) in enumerate(ranges):
+                    tasks.append(asyncio.create_task(one(i, start, end)))
+                    if len(tasks) >= window:
+                        yield await tasks.pop(0)
+                while tasks:
+                    yield await tasks.pop(0)
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+        await self._stream_into(ordered(), h, blobs, progress)
+
+    async def fetch_many(
+        self,
+        items: Sequence[tuple[str, int | None, Sequence[Peer]]],
+        blobs: BlobStore,
+        *,
+        parallel: int = 8,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> FetchReport:
+        """Fetch many blobs, ``parallel`` at a time; ``progress(bytes_done, bytes_total)``."""
+        report = FetchReport()
+        total = sum(size or 0 for _, size, _ in items)
+        done = 0
+        sem = asyncio.Semaphore(parallel)
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        async def one(h: str, size: int | None, holders: Sequence[Peer]) -> None:
+            async with sem:
+                try:
+                    peer = await self.fetch_into(holders, h, size, blobs, advance)
+                    if peer is not None:
+                        report.fetched += 1
+                        report.bytes += size or 0
+                except (IntegrityError, PeerUnavailableError, TransferError) as exc:
+                    report.failed[h] = str(exc)
+
+        await asyncio.gather(*(one(h, s, hs) for h, s, hs in items))
+        report.bad_peers = dict(self.bad_peers)
+        return report

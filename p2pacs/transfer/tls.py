@@ -1,0 +1,70 @@
+"""Mutual TLS 1.3 contexts for the transfer service: both sides must be federation members.
+
+Sites are addressed by IP, not DNS names, so the hostname check is off; instead OpenSSL checks
+the chain to the federation CA (no other roots are trusted) and ``peer_site_id`` re-checks the
+peer certificate with ``verify_member_certificate`` and derives the peer's site_id from its key.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from dht.errors import RecordError
+from dht.membership import Federation, Identity, verify_member_certificate
+from p2pacs.errors import MembershipError
+
+__all__ = ["client_context", "peer_site_id", "server_context"]
+
+
+def _context(purpose: ssl.Purpose, identity: Identity, federation: Federation) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(
+        cadata=federation.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    key_pem = identity.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    cert_pem = identity.certificate.public_bytes(serialization.Encoding.PEM)
+    # ssl only loads key material from files: write it to a private temporary file, load, remove
+    fd, name = tempfile.mkstemp(prefix="p2pacs-tls-", suffix=".pem")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key_pem + cert_pem)
+        os.close(fd)
+        ctx.load_cert_chain(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return ctx
+
+
+def server_context(identity: Identity, federation: Federation) -> ssl.SSLContext:
+    """Requires a client certificate issued by the federation CA at the handshake."""
+    return _context(ssl.Purpose.CLIENT_AUTH, identity, federation)
+
+
+def client_context(identity: Identity, federation: Federation) -> ssl.SSLContext:
+    return _context(ssl.Purpose.SERVER_AUTH, identity, federation)
+
+
+def peer_site_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, federation: Federation) -> bytes:
+    """The verified site_id of the other end of a TLS connection."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise MembershipError("the peer presented no certificate")
+    try:
+        return verify_member_certificate(x509.load_der_x509_certificate(der), federation.ca_cert)
+    except (RecordError, ValueError) as exc:
+        raise MembershipError(f"the peer is not a member of this federation: {exc}") from exc

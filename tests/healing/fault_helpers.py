@@ -1,0 +1,73 @@
+"""Helpers for the multi-process fault tests: send, wait for replication, check nothing is lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from p2pacs.dicom.header import extract_attributes
+from p2pacs.dicom.part10 import split_part10
+from p2pacs.dicom.scu import get_study, store_files
+from p2pacs.errors import P2PacsError
+from p2pacs.testbed import SiteProcess, wait_for
+
+SITES = ("research-lab", "clinic-a", "clinic-b")
+
+
+def ingest(site: SiteProcess, files: list[Path]) -> list[Path]:
+    report = store_files("127.0.0.1", site.dicom_port, site.aet, files)
+    assert not report.failed, report.failed
+    return report.stored
+
+
+def wait_replicated(site: SiteProcess, studies: set[str], copies: int, timeout: float = 60) -> None:
+    def done() -> bool:
+        try:
+            for uid in studies:
+                holders = [h for h in site.find(uid) if h["up"]]
+                full = max((h["instances"] for h in holders), default=0)
+                if sum(h["instances"] == full for h in holders) < copies:
+                    return False
+            return True
+        except P2PacsError:
+            return False
+
+    assert wait_for(done, timeout, 0.5), f"studies did not reach {copies} live copies"
+
+
+def originals(files: list[Path]) -> dict[str, tuple[str, str, bytes]]:
+    """SOP Instance UID -> (SOP class, transfer syntax, dataset bytes) of what was sent."""
+    out = {}
+    for path in files:
+        part = split_part10(path.read_bytes())
+        attrs = extract_attributes(part.dataset, part.transfer_syntax)
+        out[str(attrs["SOPInstanceUID"])] = (
+            str(attrs["SOPClassUID"]),
+            part.transfer_syntax,
+            bytes(part.dataset),
+        )
+    return out
+
+
+def lost_at(
+    site: SiteProcess, study_uids: set[str], sent: dict[str, tuple[str, str, bytes]]
+) -> list[str]:
+    """Instances of ``sent`` that a C-GET from ``site`` does not return byte for byte."""
+    contexts = sorted({(c, t) for c, t, _ in sent.values()})
+    got: dict[str, bytes] = {}
+    for uid in study_uids:
+        got.update(get_study("127.0.0.1", site.dicom_port, site.aet, uid, contexts))
+    return sorted(sop for sop, (_, _, data) in sent.items() if got.get(sop) != data)
+
+
+def scrub_clean(site: SiteProcess) -> None:
+    """Re-hash every blob at a running site: nothing corrupt."""
+    done = site.run_cli("scrub", timeout=120)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def studies_of(files: list[Path]) -> set[str]:
+    out = set()
+    for path in files:
+        part = split_part10(path.read_bytes())
+        out.add(str(extract_attributes(part.dataset, part.transfer_syntax)["StudyInstanceUID"]))
+    return out
