@@ -168,6 +168,8 @@ class SiteProcess:
 class Testbed:
     """A fresh federation of named sites in ``root``; stops every process it started."""
 
+    __test__ = False  # not a pytest test class
+
     def __init__(
         self,
         root: Path,

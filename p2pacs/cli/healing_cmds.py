@@ -54,7 +54,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         with progress_bar(transfer=True) as bar:
             task = bar.add_task("recover", total=None)
             async for event in _drive(site, "/v1/recover", {}):
-                if event.get("done"):
+                if event.get("end"):
                     last = event
                     break
                 bar.update(
@@ -92,10 +92,10 @@ def cmd_scrub(args: argparse.Namespace) -> int:
             task = bar.add_task("scrub", total=None)
             params = {"repair": "1"} if args.repair else {}
             async for event in _drive(site, "/v1/scrub", params):
-                if event.get("done"):
+                if event.get("end"):
                     last = event
                     break
-                bar.update(task, total=event["total"], completed=event["done"])
+                bar.update(task, total=event["total"], completed=event["checked"])
         return last
 
     result = asyncio.run(run())

@@ -156,7 +156,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             with progress_bar(transfer=True) as bar:
                 task = bar.add_task(f"fetch {args.study_uid[-24:]}", total=None)
                 async for event in node.stream("/v1/fetch", study=args.study_uid):
-                    if event.get("done"):
+                    if event.get("end"):
                         result = event
                     else:
                         bar.update(task, total=event["bytes_total"] or None,

@@ -55,9 +55,9 @@ async def _stream(
 
     async def runner() -> dict[str, Any]:
         try:
-            return {"done": True, "result": await run(emit)}
+            return {"end": True, "result": await run(emit)}
         except P2PacsError as exc:
-            return {"done": True, "error": str(exc)}
+            return {"end": True, "error": str(exc)}
 
     task = asyncio.create_task(runner())
     while not task.done():
@@ -181,7 +181,7 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
             def step(n: int) -> None:
                 nonlocal done
                 done += n
-                emit({"total": total, "done": done})
+                emit({"total": total, "checked": done})
 
             report = await run_scrub(fed.archive, fed, repair=repair, progress=step)
             return dataclasses.asdict(report)
