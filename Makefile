@@ -28,8 +28,8 @@ test: $(TEST_STAMP) debs lint typecheck pytest
 
 debs:
 	@missing=""; \
-	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
-	command -v Orthanc >/dev/null 2>&1 || missing="$$missing orthanc"; \
+	[ -x /usr/bin/storescu ] || missing="$$missing dcmtk"; \
+	[ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

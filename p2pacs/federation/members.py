@@ -19,6 +19,8 @@ from p2pacs.store import SiteDB
 
 __all__ = ["Member", "MemberTable"]
 
+SEEN_PERSIST = 30.0  # seconds between writes of a member's last_seen (heartbeats are ~1 s)
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -43,6 +45,7 @@ class MemberTable:
         self._table = db.db("fed_members")
         self.own_id = own_id
         self._cache: dict[bytes, Member] = {}
+        self._persisted: dict[bytes, float] = {}  # last_seen as last written
         with db.read() as txn:
             for key, raw in txn.cursor(db=self._table):
                 rec, last_seen, first_seen = msgpack.unpackb(raw, raw=False)
@@ -68,14 +71,22 @@ class MemberTable:
             now if seen else (old.last_seen if old else 0.0),
             old.first_seen if old else now,
         )
-        if old != member:
+        if old is None or old.record != member.record:
             self._save(member)
+        elif member.last_seen - old.last_seen > 0:
+            self._touch(member)
         return member
 
     def mark_seen(self, site_id: bytes) -> None:
         old = self._cache.get(site_id)
         if old is not None:
-            self._save(replace(old, last_seen=time.time()))
+            self._touch(replace(old, last_seen=time.time()))
+
+    def _touch(self, member: Member) -> None:
+        """A new last_seen: kept in memory, written at most every SEEN_PERSIST seconds."""
+        self._cache[member.site_id] = member
+        if member.last_seen - self._persisted.get(member.site_id, 0.0) > SEEN_PERSIST:
+            self._save(member)
 
     def up(self, down_after: float) -> list[Member]:
         now = time.time()
@@ -83,6 +94,7 @@ class MemberTable:
 
     def _save(self, member: Member) -> None:
         self._cache[member.site_id] = member
+        self._persisted[member.site_id] = member.last_seen
         raw = msgpack.packb(
             [member.record.encode(), member.last_seen, member.first_seen], use_bin_type=True
         )

@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dht import DhtNode
+from dht import DhtError, DhtNode
 from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
 from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
@@ -105,8 +105,7 @@ class FederationNode:
     async def start(self, install_routes: Callable[[Any], None] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
-        bootstrap = [parse_hostport(b, cfg.dht_port) for b in cfg.bootstrap]
-        bootstrap += [(m.record.host, m.record.dht_port) for m in self.members]
+        bootstrap = self._bootstrap_addresses()
         self.dht = await DhtNode.start(
             self.identity,
             self.federation,
@@ -233,6 +232,8 @@ class FederationNode:
     async def heartbeat(self) -> None:
         """Learn new members (DHT contacts, mDNS) and check that every known one answers."""
         assert self.dht is not None and self.client is not None
+        if not self.dht.contacts():  # alone (first start, or every peer was down): rejoin
+            await self._bootstrap(self._bootstrap_addresses())
         known = {m.site_id for m in self.members}
         candidates: set[bytes] = {c.site_id for c in self.dht.contacts()}
         if self.discovery is not None:
@@ -248,7 +249,20 @@ class FederationNode:
         contacts = {c.site_id for c in self.dht.contacts()}
         fresh = [(d.host, d.dht_port) for d in found if d.site_id not in contacts]
         if fresh:
-            await self.dht.bootstrap(fresh)
+            await self._bootstrap(fresh)
+
+    def _bootstrap_addresses(self) -> list[tuple[str, int]]:
+        addrs = [parse_hostport(b, self.config.dht_port) for b in self.config.bootstrap]
+        return addrs + [(m.record.host, m.record.dht_port) for m in self.members]
+
+    async def _bootstrap(self, addrs: list[tuple[str, int]]) -> None:
+        assert self.dht is not None
+        if not addrs:
+            return
+        try:
+            await self.dht.bootstrap(addrs)
+        except DhtError as exc:  # mDNS may list sites that are gone; static peers may be down
+            log.debug("DHT bootstrap via %s failed: %s", addrs, exc)
 
     async def refresh_member(self, site_id: bytes) -> Member | None:
         """Look up a site's own ``site/<id>`` record on the DHT."""

@@ -67,14 +67,14 @@ class Recovery:
         assert node.dht is not None
         record: SiteRecord | None = None
         for attempt in range(PLAN_ATTEMPTS):
-            entries = [
-                e for e in await node.dht.get(SITE_NAMESPACE, node.site_hex)
-                if e.publisher == node.site_id
-            ]  # fmt: skip
+            found = await node.dht.get_detailed(SITE_NAMESPACE, node.site_hex)
+            entries = [e for e in found.entries if e.publisher == node.site_id]
             if entries:
                 newest = max(entries, key=lambda e: e.seq)
                 record = SiteRecord.decode(newest.value)
                 break
+            if found.queried > 0:
+                break  # the nodes closest to the key answered: this site never published
             if not node.dht.contacts() and attempt > 2:
                 break  # alone in the federation: nothing was published before
             await asyncio.sleep(PLAN_RETRY)

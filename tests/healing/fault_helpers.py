@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from p2pacs.dicom.header import extract_attributes
@@ -11,6 +12,12 @@ from p2pacs.errors import P2PacsError
 from p2pacs.testbed import SiteProcess, wait_for
 
 SITES = ("research-lab", "clinic-a", "clinic-b")
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"  # pynetdicom puts same-named apps in the venv
+
+
+def dcmtk(tool: str) -> str | None:
+    """Path of Debian's dcmtk tool (not pynetdicom's same-named app), or None."""
+    return shutil.which(tool, path=SYSTEM_PATH)
 
 
 def ingest(site: SiteProcess, files: list[Path]) -> list[Path]:

@@ -1,0 +1,131 @@
+"""Three sites as separate processes: find, fetch, read-through C-MOVE, and outsiders kept out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from fault_helpers import SITES, dcmtk, ingest, lost_at, originals, studies_of, wait_replicated
+
+from dht import DhtError, DhtNode
+from p2pacs.dicom.part10 import split_part10
+from p2pacs.errors import P2PacsError
+from p2pacs.federation.identity import create_federation_dir, enroll_site, load_identity
+from p2pacs.node import RUNFILE
+from p2pacs.testbed import Testbed, free_port, wait_for
+from p2pacs.transfer import Peer, PeerClient
+
+pytestmark = pytest.mark.slow
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_find_and_fetch_from_another_site(testbed: Testbed, fault_instances: list[Path]) -> None:
+    clinic, lab = testbed["clinic-a"], testbed["research-lab"]
+    stored = ingest(clinic, fault_instances[:10])
+    (study,) = studies_of(stored)
+    wait_replicated(clinic, {study}, 2)
+    found = lab.run_cli("find", study, timeout=60)
+    assert found.returncode == 0, found.stderr.decode()
+    assert "clinic-a" in found.stdout.decode()
+    fetched = lab.run_cli("fetch", study, timeout=120)
+    assert fetched.returncode == 0, fetched.stderr.decode()
+    assert lab.status()["instances"] == 10
+    assert lost_at(lab, {study}, originals(stored)) == []
+    status = json.loads(lab.run_cli("status", "--json").stdout)
+    assert status["federation"]["sites_up"] == 3
+    assert {m["name"] for m in status["federation"]["members"]} == set(SITES) - {"research-lab"}
+
+
+def test_read_through_cmove_from_dcmtk(tmp_path: Path, fault_instances: list[Path]) -> None:
+    movescu, storescp = dcmtk("movescu"), dcmtk("storescp")
+    if movescu is None or storescp is None:
+        pytest.skip("dcmtk's movescu/storescp are not installed (make test installs them)")
+    with Testbed(tmp_path / "fed", SITES, replication=1, down_after=3.0) as bed:
+        lab = bed["research-lab"]
+        dest_port = free_port()
+        site = lab.site
+        site.config.dicom.destinations["STORESCP"] = f"127.0.0.1:{dest_port}"
+        site.save_config()
+        bed.start()
+        clinic = bed["clinic-a"]
+        stored = ingest(clinic, fault_instances[:6])
+        (study,) = studies_of(stored)
+        # the lab holds nothing; it learns from the DHT that clinic-a holds the study
+        assert wait_for(lambda: [h["name"] for h in lab.find(study)] == ["clinic-a"], 30, 0.2)
+        assert lab.status()["instances"] == 0
+        out = tmp_path / "received"
+        out.mkdir()
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        scp = subprocess.Popen(
+            [storescp, "+xa", "-od", str(out), str(dest_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert wait_for(lambda: _listening(dest_port), 10, 0.05), "storescp did not start"
+            move = subprocess.run(
+                [movescu, "-S", "-aet", "MOVESCU", "-aec", lab.aet, "-aem", "STORESCP",
+                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                 "127.0.0.1", str(lab.dicom_port)],
+                env=env, capture_output=True, timeout=120, check=False,
+            )  # fmt: skip
+        finally:
+            scp.terminate()
+            scp.wait(10)
+        assert move.returncode == 0, move.stderr.decode()
+        received = {}
+        for path in out.iterdir():
+            part = split_part10(path.read_bytes())
+            received[bytes(part.dataset)] = path
+        sent = originals(stored)
+        assert len(received) == len(sent)
+        assert {data for _, _, data in sent.values()} == set(received)
+
+
+def test_non_member_cannot_join_read_or_fetch(
+    testbed: Testbed, fault_instances: list[Path], tmp_path: Path
+) -> None:
+    clinic = testbed["clinic-a"]
+    stored = ingest(clinic, fault_instances[:4])
+    (study,) = studies_of(stored)
+    wait_replicated(clinic, {study}, 2)
+    info = json.loads((clinic.path / RUNFILE).read_text())
+    dht_addr = (info["dht"][0], int(info["dht"][1]))
+    transfer = (info["transfer"][0], int(info["transfer"][1]))
+    blob = clinic.status()  # the site answers its own members
+    assert blob["instances"] == 4
+    fed = create_federation_dir(tmp_path / "other-fed", "intruders")
+    site = enroll_site(fed, "intruder", tmp_path / "intruder", discovery=False)
+    identity, federation = load_identity(site)
+
+    async def intrude() -> tuple[list[object], str]:
+        node = await DhtNode.start(identity, federation, port=0)
+        try:
+            with contextlib.suppress(DhtError):
+                await node.bootstrap([dht_addr])
+            entries = list(await node.get("study", study))
+            assert node.contacts() == []
+        finally:
+            await node.stop()
+        async with PeerClient(identity, federation, timeout=5) as client:
+            peer = Peer(b"", "clinic-a", *transfer)
+            try:
+                await client.health(peer)
+            except P2PacsError as exc:
+                return entries, str(exc)
+        return entries, "served"
+
+    entries, refused = asyncio.run(intrude())
+    assert entries == []
+    assert refused != "served"
