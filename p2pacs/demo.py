@@ -73,7 +73,7 @@ def run_demo(
         bed.start()
         step("sites started: " + ", ".join(SITES))
         clinic = bed["clinic-a"]
-        sent = store_files("127.0.0.1", clinic.dicom_port, clinic.aet, files)
+        sent = store_files(clinic.host, clinic.dicom_port, clinic.aet, files)
         result.rejected = len(sent.failed)
         originals = _originals(sent.stored)
         studies = sorted({v[0] for v in originals.values()})
@@ -117,7 +117,7 @@ def run_demo(
         contexts = sorted({(v[1], v[2]) for v in originals.values()})
         got: dict[str, bytes] = {}
         for uid in studies:
-            got.update(get_study("127.0.0.1", clinic.dicom_port, clinic.aet, uid, contexts))
+            got.update(get_study(clinic.host, clinic.dicom_port, clinic.aet, uid, contexts))
         for sop, (_, _, _, dataset) in originals.items():
             if got.get(sop) == dataset:
                 result.verified += 1

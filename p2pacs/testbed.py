@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from p2pacs import const
 from p2pacs.errors import P2PacsError, PeerUnavailableError
 from p2pacs.node import RUNFILE
 from p2pacs.site import Site
@@ -63,6 +64,8 @@ class SiteProcess:
     path: Path
     aet: str
     dicom_port: int
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()  # e.g. ("ip", "netns", "exec", NS) to run it in a namespace
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -78,6 +81,7 @@ class SiteProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log_file = self.log_path.open("ab")
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "p2pacs",
@@ -179,7 +183,11 @@ class Testbed:
         down_after: float = 4.0,
         repair_interval: float = 2.0,
         host: str = "127.0.0.1",
+        hosts: dict[str, str] | None = None,
+        prefixes: dict[str, tuple[str, ...]] | None = None,
     ):
+        """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
+        where each site can use the default ports."""
         from p2pacs.federation.identity import create_federation_dir, enroll_site
 
         self.root = root
@@ -187,16 +195,24 @@ class Testbed:
         self.fed_dir = create_federation_dir(root / "federation", "p2pacs-demo")
         self.sites: dict[str, SiteProcess] = {}
         first_dht: int | None = None
+        first_host = host
+        hosts, prefixes = hosts or {}, prefixes or {}
         for name in names:
-            dicom, transfer, dht = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+            site_host = hosts.get(name, host)
+            if name in hosts:
+                dicom, transfer, dht = (
+                    const.DEFAULT_DICOM_PORT, const.DEFAULT_TRANSFER_PORT, const.DEFAULT_DHT_PORT
+                )  # fmt: skip
+            else:
+                dicom, transfer, dht = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
             aet = name.upper().replace("-", "")[:16]
-            bootstrap = [f"{host}:{first_dht}"] if first_dht else []
+            bootstrap = [f"{first_host}:{first_dht}"] if first_dht else []
             site = enroll_site(
                 self.fed_dir,
                 name,
                 root / name,
-                host=host,
-                bind=host,
+                host=site_host,
+                bind=site_host,
                 aet=aet,
                 dicom_port=dicom,
                 dht_port=dht,
@@ -207,15 +223,19 @@ class Testbed:
             )
             site.config.federation.down_after = down_after
             site.config.federation.repair_interval = repair_interval
-            site.config.dicom.bind = host
+            site.config.dicom.bind = site_host
             site.save_config()
-            first_dht = first_dht or dht
-            self.sites[name] = SiteProcess(name, root / name, aet, dicom)
+            if first_dht is None:
+                first_dht, first_host = dht, site_host
+            self.sites[name] = SiteProcess(
+                name, root / name, aet, dicom, site_host, prefixes.get(name, ())
+            )
         # every site bootstraps from the first one; the first from the second
         if len(names) > 1 and first_dht is not None:
             first = self.sites[names[0]].site
             second = self.sites[names[1]].site
-            first.config.federation.bootstrap = [f"{host}:{second.config.federation.dht_port}"]
+            second_fed = second.config.federation
+            first.config.federation.bootstrap = [f"{second_fed.host}:{second_fed.dht_port}"]
             first.save_config()
 
     def __getitem__(self, name: str) -> SiteProcess:

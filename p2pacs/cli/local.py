@@ -28,8 +28,10 @@ def node_address(site: Site) -> tuple[int, str] | None:
     """(pid, https base URL) of the site's running node, or None when it is not running."""
     try:
         info = json.loads((site.path / RUNFILE).read_text())
-        port = int(info["transfer"][1])
-        return int(info["pid"]), f"https://127.0.0.1:{port}"
+        host, port = str(info["transfer"][0]), int(info["transfer"][1])
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return int(info["pid"]), f"https://{host}:{port}"
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 

@@ -21,7 +21,7 @@ def dcmtk(tool: str) -> str | None:
 
 
 def ingest(site: SiteProcess, files: list[Path]) -> list[Path]:
-    report = store_files("127.0.0.1", site.dicom_port, site.aet, files)
+    report = store_files(site.host, site.dicom_port, site.aet, files)
     assert not report.failed, report.failed
     return report.stored
 
@@ -62,7 +62,7 @@ def lost_at(
     contexts = sorted({(c, t) for c, t, _ in sent.values()})
     got: dict[str, bytes] = {}
     for uid in study_uids:
-        got.update(get_study("127.0.0.1", site.dicom_port, site.aet, uid, contexts))
+        got.update(get_study(site.host, site.dicom_port, site.aet, uid, contexts))
     return sorted(sop for sop, (_, _, data) in sent.items() if got.get(sop) != data)
 
 
