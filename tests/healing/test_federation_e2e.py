@@ -11,7 +11,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fault_helpers import SITES, dcmtk, ingest, lost_at, originals, studies_of, wait_replicated
+from fault_helpers import (
+    SITES,
+    dcmtk,
+    ingest,
+    lost_at,
+    originals,
+    scrub_clean,
+    studies_of,
+    wait_replicated,
+)
 
 from dht import DhtError, DhtNode
 from p2pacs.dicom.part10 import split_part10
@@ -129,3 +138,85 @@ def test_non_member_cannot_join_read_or_fetch(
     entries, refused = asyncio.run(intrude())
     assert entries == []
     assert refused != "served"
+
+
+def test_storage_commitment_reports_success_once_r_sites_hold_it(
+    tmp_path: Path, fault_instances: list[Path]
+) -> None:
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, build_role, evt
+
+    from p2pacs.dicom.uids import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+
+    reports: list[tuple[int, Dataset, int]] = []
+    port = free_port()
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        holders = [h for h in clinic.find(study) if h["instances"] == len(stored)]
+        reports.append((event.event_type, event.event_information, len(holders)))
+        return 0x0000, None
+
+    scu = AE(ae_title="COMMITSCU")
+    scu.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
+    server = scu.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
+    )
+    try:
+        with Testbed(tmp_path / "fed", SITES, replication=2, down_after=3.0) as bed:
+            clinic = bed["clinic-a"]
+            site = clinic.site
+            site.config.dicom.destinations["COMMITSCU"] = f"127.0.0.1:{port}"
+            site.save_config()
+            bed.start()
+            stored = ingest(clinic, fault_instances[:4])
+            (study,) = studies_of(stored)
+            request = Dataset()
+            request.TransactionUID = "1.2.826.0.1.3680043.8.498.1"
+            refs = []
+            for sop_uid, (sop_class, _, _) in originals(stored).items():
+                item = Dataset()
+                item.ReferencedSOPClassUID = sop_class
+                item.ReferencedSOPInstanceUID = sop_uid
+                refs.append(item)
+            unknown = Dataset()
+            unknown.ReferencedSOPClassUID = refs[0].ReferencedSOPClassUID
+            unknown.ReferencedSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+            request.ReferencedSOPSequence = [*refs, unknown]
+            ae = AE(ae_title="COMMITSCU")
+            ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+            assoc = ae.associate(
+                "127.0.0.1", clinic.dicom_port, ae_title=clinic.aet,
+                ext_neg=[build_role(STORAGE_COMMITMENT_PUSH, scu_role=True)],
+            )  # fmt: skip
+            assert assoc.is_established
+            status, _ = assoc.send_n_action(
+                request, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+            )
+            assoc.release()
+            assert status.Status == 0x0000
+            assert wait_for(lambda: bool(reports), 60, 0.2), "no N-EVENT-REPORT arrived"
+    finally:
+        server.shutdown()
+    event_type, info, holders_then = reports[0]
+    assert event_type == 2  # some failed: the unknown instance
+    committed = {str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence}
+    assert committed == {str(r.ReferencedSOPInstanceUID) for r in refs}
+    (failed,) = info.FailedSOPSequence
+    assert failed.ReferencedSOPInstanceUID == "1.2.3.4.5.6.7.8.9"
+    assert failed.FailureReason == 0x0112
+    assert holders_then >= 2  # reported only once two sites held every instance
+
+
+def test_corrupt_blob_is_repaired_when_read(testbed: Testbed, fault_instances: list[Path]) -> None:
+    from test_faults import corrupt_one_blob
+
+    clinic = testbed["clinic-a"]
+    stored = ingest(clinic, fault_instances[:6])
+    studies = studies_of(stored)
+    wait_replicated(clinic, studies, 2)
+    clinic.stop()
+    corrupt_one_blob(clinic.path)
+    clinic.start()
+    # C-GET must never serve the rotten copy: it is replaced from a peer, then served
+    assert lost_at(clinic, studies, originals(stored)) == []
+    scrub_clean(clinic)
