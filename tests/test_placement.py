@@ -65,3 +65,16 @@ def test_plan_repairs_restores_r_once_without_stampede() -> None:
     # a study whose every holder is down is reported but cannot be repaired yet
     lost = plan_repairs({"1.9": {b}}, live, a, 2)
     assert lost.under_replicated == ["1.9"] and lost.pull == [] and lost.notify == {}
+
+
+def test_a_partial_copy_is_completed_and_does_not_count_towards_r() -> None:
+    from p2pacs.healing.placement import plan_repairs
+
+    a, b, c = SITES[:3]
+    complete = {"1.5": {a}}
+    partial = {"1.5": {b}}  # b copied the study while it was still arriving
+    plan_b = plan_repairs(complete, {a, b, c}, b, 2, partial)
+    assert plan_b.pull == ["1.5"] and plan_b.under_replicated == ["1.5"]
+    plan_a = plan_repairs(complete, {a, b, c}, a, 2, partial)
+    assert plan_a.pull == []
+    assert plan_a.notify  # a, the only complete holder, asks the best-ranked other site

@@ -43,13 +43,25 @@ class RepairPlan:
 
 
 def plan_repairs(
-    holders: Mapping[str, set[bytes]], live: set[bytes], me: bytes, replication: int
+    holders: Mapping[str, set[bytes]],
+    live: set[bytes],
+    me: bytes,
+    replication: int,
+    incomplete: Mapping[str, set[bytes]] | None = None,
 ) -> RepairPlan:
-    """Pure decision of one anti-entropy pass (see the module docstring)."""
+    """Pure decision of one anti-entropy pass.
+
+    ``holders`` maps each study to the sites holding all of it; ``incomplete`` to the sites
+    holding only part of it (a copy taken while the study was still arriving), which complete
+    their copy whatever the count, and do not count towards R meanwhile."""
     under: list[str] = []
     pull: list[str] = []
     notify: dict[bytes, list[str]] = {}
-    for study, sites in sorted(holders.items()):
+    partial = incomplete or {}
+    for study in sorted(set(holders) | set(partial)):
+        sites = holders.get(study, set())
+        if me in partial.get(study, set()) and me in live:
+            pull.append(study)
         live_holders = sites & live
         if len(live_holders) >= replication:
             continue
@@ -58,7 +70,7 @@ def plan_repairs(
             continue
         need = replication - len(live_holders)
         targets = rank(study, live - sites)[:need]
-        if me in targets:
+        if me in targets and study not in pull:
             pull.append(study)
         if live_holders and repairer(study, live_holders) == me:
             for t in targets:

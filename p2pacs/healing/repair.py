@@ -75,25 +75,51 @@ class Healer:
             except Exception:
                 log.exception("anti-entropy pass failed")
 
-    async def holders_view(self) -> dict[str, set[bytes]]:
-        """study -> sites holding it, from this site's index and every member's catalogue."""
-        view: dict[str, set[bytes]] = {}
-        for uid in self.node.publisher.entries:
-            view.setdefault(uid, set()).add(self.node.site_id)
-        for member in self.node.members:
+    async def holders_view(self) -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
+        """(complete, incomplete): study -> sites holding all / part of it, from this site's
+        index and every member's latest catalogue."""
+        node = self.node
+        published: dict[str, dict[bytes, str]] = {}  # study -> site -> manifest hash
+        for uid, entry in node.publisher.entries.items():
+            published.setdefault(uid, {})[node.site_id] = entry.manifest_hash
+        for member in node.members:
             try:
-                catalogue = await self.node.catalogue_of(member)
+                catalogue = await node.catalogue_of(member)
             except P2PacsError as exc:
                 log.debug("catalogue of %s unavailable: %s", member.name, exc)
                 continue
             for entry in catalogue.entries if catalogue else ():
-                view.setdefault(entry.study_uid, set()).add(member.site_id)
-        return view
+                published.setdefault(entry.study_uid, {})[member.site_id] = entry.manifest_hash
+        complete: dict[str, set[bytes]] = {}
+        incomplete: dict[str, set[bytes]] = {}
+        for uid, by_site in published.items():
+            if len(set(by_site.values())) == 1:
+                complete[uid] = set(by_site)
+                continue
+            whole = await self._complete_sites(by_site)
+            complete[uid] = whole
+            incomplete[uid] = set(by_site) - whole
+        return complete, incomplete
+
+    async def _complete_sites(self, by_site: Mapping[bytes, str]) -> set[bytes]:
+        """Sites whose manifest lists every version any holder lists (manifests are cached
+        as blobs, so this reads them locally after the first time)."""
+        versions: dict[bytes, set[tuple[str, str]]] = {}
+        for site_id, mh in by_site.items():
+            member = self.node.members.get(site_id)
+            peers = [self.node.peer_of(member)] if member else []
+            try:
+                manifest = await self.node.fetch_manifest(mh, [*peers, *self.node.live_peers()])
+            except P2PacsError:
+                continue
+            versions[site_id] = {(e.sop_uid, e.hash) for e in manifest.entries}
+        union = set().union(*versions.values()) if versions else set()
+        return {site for site, have in versions.items() if have >= union}
 
     async def run_pass(self) -> RepairPlan:
-        view = await self.holders_view()
+        complete, incomplete = await self.holders_view()
         live = self.node.live_site_ids()
-        plan = plan_repairs(view, live, self.node.site_id, self.replication)
+        plan = plan_repairs(complete, live, self.node.site_id, self.replication, incomplete)
         self.stats.passes += 1
         self.stats.last_pass = time.time()
         self.stats.under_replicated = len(plan.under_replicated)
