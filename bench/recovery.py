@@ -15,10 +15,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from p2pacs.dicom.header import extract_attributes
+from p2pacs.dicom.part10 import split_part10
 from p2pacs.dicom.scu import store_files
 from p2pacs.samples import generate_bench_instances
 from p2pacs.testbed import SiteProcess, Testbed, wait_for
@@ -58,60 +61,56 @@ def replicated(site: SiteProcess, studies: set[str], copies: int) -> bool:
         return False
 
 
+def measure(root: Path, instances: int) -> dict[str, float]:
+    files = generate_bench_instances(root / "instances", instances, seed=1)
+    total = sum(f.stat().st_size for f in files)
+    raw_s = plain_copy(files, root / "plain-copy")
+    studies = set()
+    for f in files:
+        part = split_part10(f.read_bytes())
+        attrs = extract_attributes(part.dataset, part.transfer_syntax)
+        studies.add(str(attrs["StudyInstanceUID"]))
+    with Testbed(root / "fed", SITES, replication=2, down_after=3.0, repair_interval=1.0) as bed:
+        bed.start()
+        clinic = bed["clinic-a"]
+        report = store_files(clinic.host, clinic.dicom_port, clinic.aet, files)
+        assert not report.failed, list(report.failed.items())[:3]
+        assert wait_for(lambda: replicated(clinic, studies, 2), 600, 1.0)
+        clinic.kill()
+        clinic.wipe()
+        start = time.perf_counter()
+        clinic.start()
+        done = clinic.run_cli("recover", timeout=1800)
+        recovery_s = time.perf_counter() - start
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        status = clinic.status()
+        assert status["instances"] >= len(files), status
+        bed["clinic-b"].kill()
+        start = time.perf_counter()
+        lab = bed["research-lab"]
+        assert wait_for(lambda: replicated(lab, studies, 2), 600, 0.5)
+        restore_r_s = time.perf_counter() - start
+    mb = total / 1e6
+    return {
+        "instances": len(files),
+        "mb": round(mb, 1),
+        "recovery_s": round(recovery_s, 2),
+        "mb_per_s": round(mb / recovery_s, 1),
+        "raw_copy_mb_per_s": round(mb / raw_s, 1),
+        "ratio_vs_raw": round(raw_s / recovery_s, 3),
+        "time_to_restore_R_s": round(restore_r_s, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--instances", type=int, default=400, help="~0.5 MB each (2000 = 1 GB)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="p2pacs-bench-recovery-") as tmp:
-        root = Path(tmp)
-        files = generate_bench_instances(root / "instances", args.instances, seed=1)
-        total = sum(f.stat().st_size for f in files)
-        raw_s = plain_copy(files, root / "plain-copy")
-        from p2pacs.dicom.header import extract_attributes
-        from p2pacs.dicom.part10 import split_part10
-
-        studies = set()
-        for f in files:
-            part = split_part10(f.read_bytes())
-            studies.add(
-                str(extract_attributes(part.dataset, part.transfer_syntax)["StudyInstanceUID"])
-            )
-        with Testbed(
-            root / "fed", SITES, replication=2, down_after=3.0, repair_interval=1.0
-        ) as bed:
-            bed.start()
-            clinic = bed["clinic-a"]
-            report = store_files("127.0.0.1", clinic.dicom_port, clinic.aet, files)
-            assert not report.failed, list(report.failed.items())[:3]
-            assert wait_for(lambda: replicated(clinic, studies, 2), 600, 1.0)
-            clinic.kill()
-            clinic.wipe()
-            start = time.perf_counter()
-            clinic.start()
-            done = clinic.run_cli("recover", timeout=1800)
-            recovery_s = time.perf_counter() - start
-            assert done.returncode == 0, done.stderr.decode()[-2000:]
-            status = clinic.status()
-            assert status["instances"] >= len(files), status
-            bed["clinic-b"].kill()
-            start = time.perf_counter()
-            lab = bed["research-lab"]
-            assert wait_for(lambda: replicated(lab, studies, 2), 600, 0.5)
-            restore_r_s = time.perf_counter() - start
-    mb = total / 1e6
-    print(
-        json.dumps(
-            {
-                "instances": len(files),
-                "mb": round(mb, 1),
-                "recovery_s": round(recovery_s, 2),
-                "mb_per_s": round(mb / recovery_s, 1),
-                "raw_copy_mb_per_s": round(mb / raw_s, 1),
-                "ratio_vs_raw": round((mb / recovery_s) / (mb / raw_s), 3),
-                "time_to_restore_R_s": round(restore_r_s, 2),
-            }
-        )
-    )
+    root = Path(tempfile.mkdtemp(prefix="p2pacs-bench-recovery-"))
+    print(f"working in {root} (kept if the run fails)", file=sys.stderr)
+    result = measure(root, args.instances)
+    shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -103,9 +103,14 @@ def store_files(
         try:
             for paths in group.values():
                 for path in paths:
+                    if not assoc.is_established:  # aborted by the peer: one new association
+                        assoc = ae.associate(
+                            host, port, contexts, ae_title=called_aet, max_pdu=0,
+                            evt_handlers=nodelay_handlers(),
+                        )  # fmt: skip
                     try:
                         status = assoc.send_c_store(path)
-                    except (AttributeError, ValueError, OSError) as exc:
+                    except (AttributeError, ValueError, OSError, RuntimeError) as exc:
                         report.failed[path] = str(exc)
                         continue
                     code = int(getattr(status, "Status", -1))
