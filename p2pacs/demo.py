@@ -9,6 +9,7 @@ retrieved from clinic A with C-GET and compared byte for byte with what was sent
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,10 +87,15 @@ def run_demo(
         )
         start = time.monotonic()
 
+        expected = Counter(v[0] for v in originals.values())
+
         def replicated() -> bool:
+            """Every study held whole (all its instances) by R live sites."""
             try:
                 return all(
-                    sum(1 for h in clinic.find(uid) if h["up"]) >= REPLICATION for uid in studies
+                    sum(h["up"] and h["instances"] >= expected[uid] for h in clinic.find(uid))
+                    >= REPLICATION
+                    for uid in studies
                 )
             except P2PacsError:
                 return False

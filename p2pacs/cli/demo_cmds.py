@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 from rich.table import Table
@@ -27,6 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # the sample set includes files that are not archivable (DICOMDIR, broken headers): the
+    # demo reports how many were refused instead of printing every library warning
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")
     files = [p for p in args.files if p.is_file()] or pydicom_test_files()
     if not files:
         raise CommandError("no sample DICOM files found", 1)

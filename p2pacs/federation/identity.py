@@ -93,9 +93,10 @@ def _check_private(path: Path) -> None:
 
 
 def _load_key(path: Path) -> Ed25519PrivateKey:
+    pem = _read(path, "private key")  # a missing file is an IdentityError, not a traceback
     _check_private(path)
     try:
-        key = serialization.load_pem_private_key(_read(path, "private key"), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except ValueError as exc:
         raise IdentityError(f"{path} is not a PEM private key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):

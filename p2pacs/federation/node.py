@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BRIDGE_TIMEOUT = 600.0  # seconds a DICOM thread waits for a read-through fetch
+CATALOGUE_PUSH_TIMEOUT = 10.0  # seconds a member gets to copy a new catalogue
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,7 @@ class FederationNode:
         self.client: PeerClient | None = None
         self.discovery: Any = None
         self.publisher = Publisher(archive, self.site_hex, self._dht_put, self.site_record)
+        self.publisher.on_catalogue = self.push_catalogue
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._study_locks: dict[str, asyncio.Lock] = {}
@@ -285,6 +287,22 @@ class FederationNode:
         except (P2PacsError, OSError, TimeoutError, KeyError, TypeError):
             return
         self.members.upsert(member.site_id, record, seen=True)
+
+    async def push_catalogue(self, h: str) -> None:
+        """Have every live member copy this site's new catalogue now (not at its next pass)."""
+        assert self.client is not None
+        client = self.client
+
+        async def one(peer: Peer) -> None:
+            try:
+                await asyncio.wait_for(
+                    client.request_json(peer, "POST", "/v1/catalogue", {"hash": h}),
+                    CATALOGUE_PUSH_TIMEOUT,
+                )
+            except (P2PacsError, OSError, TimeoutError) as exc:
+                log.info("%s did not take our catalogue: %s", peer.name, exc)
+
+        await asyncio.gather(*(one(p) for p in self.live_peers()))
 
     # --- holders and fetching -------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class Publisher:
         # could replace a wiped site's record with an empty catalogue
         self.site_ready = asyncio.Event()
         self.on_published: list[Callable[[list[str]], None]] = []
+        self.on_catalogue: Callable[[str], Awaitable[None]] | None = None
 
     def mark(self, study_uids: Iterable[str]) -> None:
         """Thread-unsafe: call on the loop (the node bridges ingest threads here)."""
@@ -110,4 +111,6 @@ class Publisher:
         merged = {**self.entries, **self.pending}  # a study being restored keeps its old entry
         catalogue = Catalogue.of(self.site_hex, merged.values())
         self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())
+        if self.on_catalogue is not None:  # copies at other sites first: a wiped site needs one
+            await self.on_catalogue(self.catalogue_hash)
         await self._put(SITE_NAMESPACE, self.site_hex, self._site_record().encode(), RECORD_TTL)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from p2pacs.errors import P2PacsError
+from p2pacs.errors import P2PacsError, RecoveryError
 
 if TYPE_CHECKING:
     from p2pacs.node import SiteNode
@@ -90,6 +90,23 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
         queued = sum(1 for uid in studies if node.healer.request(uid))
         return web.json_response({"queued": queued}, status=202)
 
+    async def catalogue(request: web.Request) -> web.Response:
+        """A member published a new catalogue: copy it from that member before answering."""
+        fed = node.federation
+        assert fed is not None
+        try:
+            h = str((await request.json())["hash"])
+            bytes.fromhex(h)
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='expected {"hash": HEX}') from None
+        sender = fed.members.get(_peer(request) or b"")
+        peers = [fed.peer_of(sender)] if sender else fed.live_peers()
+        try:
+            await fed.fetch_blob(h, None, peers)
+        except P2PacsError as exc:
+            raise web.HTTPBadGateway(text=str(exc)) from None
+        return web.json_response({"stored": h})
+
     async def status(request: web.Request) -> web.Response:
         _only_self(node, request)
         return web.json_response(await node.status())
@@ -155,7 +172,10 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
 
             recovery.listeners.append(listener)
             try:
-                await recovery.planned.wait()
+                while not recovery.planned.is_set():
+                    if recovery.error:
+                        raise RecoveryError(recovery.error)
+                    await asyncio.sleep(0.2)
                 await asyncio.sleep(0)
                 while recovery.pending:
                     await asyncio.sleep(0.2)
@@ -191,6 +211,7 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
     def install(app: web.Application) -> None:
         app.router.add_get("/v1/site", site)
         app.router.add_post("/v1/notify", notify)
+        app.router.add_post("/v1/catalogue", catalogue)
         app.router.add_get("/v1/status", status)
         app.router.add_get("/v1/find", find)
         app.router.add_post("/v1/fetch", fetch)

@@ -19,6 +19,7 @@ from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig, parse_hostport
 from p2pacs.dicom import Level
 from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.dicom.uids import VERIFICATION
 from p2pacs.errors import ConfigError, P2PacsError
 from p2pacs.gateway import status
 from p2pacs.gateway.find import parse_identifier
@@ -122,6 +123,9 @@ class RetrieveHandlers:
         # context, and each instance must go in the syntax it was stored in
         pairs = sorted({(r.sop_class_uid, r.current.transfer_syntax) for r in records})
         contexts = [build_context(c, [ts]) for c, ts in pairs[:MAX_CONTEXTS]]
+        # Verification keeps the association up when the destination accepts none of the stored
+        # syntaxes, so those instances count as failed sub-operations instead of 0xA801
+        contexts.append(build_context(VERIFICATION))
         yield (
             host,
             port,

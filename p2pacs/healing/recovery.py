@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PLAN_ATTEMPTS = 20  # DHT lookups of the site's own record before giving up on finding peers
 PLAN_RETRY = 1.0  # seconds between them
+PLAN_BACKOFF = 5.0  # seconds before planning again when the federation could not help
 
 
 @dataclass(slots=True)
@@ -54,6 +55,7 @@ class Recovery:
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.listeners: list[Callable[[RecoveryProgress], None]] = []
+        self.error = ""  # why recovery could not start, while it cannot
         with self.db.read() as txn:
             for key, raw in txn.cursor(db=self._table):
                 e = CatalogueEntry(bytes(key).decode(), *msgpack.unpackb(raw, raw=False))
@@ -141,12 +143,25 @@ class Recovery:
         return len(self.node.publisher.pending)
 
     async def run(self) -> None:
-        """Plan once, then drain the queue whenever it has work (a node task)."""
-        await self.plan()
+        """Plan (retrying until the federation answers), then drain the queue whenever it has
+        work. A node task: it never ends the node because of a failure."""
+        while not self.planned.is_set():
+            try:
+                await self.plan()
+                self.error = ""
+            except Exception as exc:
+                self.error = str(exc)
+                log.error("recovery cannot start yet: %s; retrying in %.0f s", exc, PLAN_BACKOFF)
+                await asyncio.sleep(PLAN_BACKOFF)
         while True:
             if self.node.publisher.pending:
                 self.idle.clear()
-                await self.drain()
+                try:
+                    await self.drain()
+                except Exception:
+                    log.exception("recovery pass failed; retrying")
+                    await asyncio.sleep(PLAN_BACKOFF)
+                    continue
             self.idle.set()
             self._wake.clear()
             await self._wake.wait()

@@ -158,6 +158,9 @@ class Healer:
             except P2PacsError as exc:
                 self.stats.pulls_failed += 1
                 log.info("pull of %s failed: %s", uid, exc)
+            except Exception:  # a worker outlives any one study's failure
+                self.stats.pulls_failed += 1
+                log.exception("pull of %s failed", uid)
             finally:
                 self._queued.discard(uid)
 

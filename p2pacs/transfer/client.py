@@ -12,7 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -22,7 +22,7 @@ import aiohttp
 from dht.membership import Federation, Identity
 from p2pacs.errors import IntegrityError, MembershipError, PeerUnavailableError, TransferError
 from p2pacs.store import BlobStore, hash_bytes
-from p2pacs.transfer.tls import client_context, peer_site_id
+from p2pacs.transfer.tls import client_context, member_site_id
 
 __all__ = ["FetchReport", "Peer", "PeerClient"]
 
@@ -54,6 +54,23 @@ class FetchReport:
     bad_peers: dict[str, int] = field(default_factory=dict)  # site name -> wrong blobs served
 
 
+class _MemberResponse(aiohttp.ClientResponse):
+    """Keeps the server's certificate, read when the response starts.
+
+    aiohttp releases the connection as soon as a short body has arrived, so by the time the
+    caller sees the response its transport (and TLS object) may be gone; the certificate is
+    taken here, while the connection is still attached."""
+
+    peer_cert: bytes | None = None
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        transport = connection.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is not None:
+            self.peer_cert = ssl_object.getpeercert(binary_form=True)
+        return await super().start(connection)
+
+
 class PeerClient:
     """One connection pool to all peers; an async context manager."""
 
@@ -80,6 +97,7 @@ class PeerClient:
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            response_class=_MemberResponse,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=self.timeout),
         )
         return self
@@ -102,13 +120,7 @@ class PeerClient:
 
     def _check_peer(self, resp: aiohttp.ClientResponse, peer: Peer) -> None:
         """The server's certificate must belong to the site we meant to reach."""
-        conn = resp.connection
-        ssl_object = (
-            conn.transport.get_extra_info("ssl_object") if conn and conn.transport else None
-        )
-        if ssl_object is None:
-            return  # connection already released (body fully read); checked on first use
-        actual = peer_site_id(ssl_object, self.federation)
+        actual = member_site_id(getattr(resp, "peer_cert", None), self.federation)
         if peer.site_id and actual != peer.site_id:
             raise MembershipError(f"{peer.url} answered with the certificate of another site")
 
@@ -204,26 +216,43 @@ class PeerClient:
         """Feed an async byte stream to ``BlobStore.put_stream`` on a thread, memory bounded."""
         q: queue.Queue[bytes | None] = queue.Queue(STREAM_QUEUE)
         outcome: list[BaseException | None] = []
+        ended = threading.Event()  # the writer has taken the end-of-stream marker
+
+        def stream() -> Iterator[bytes]:
+            while (piece := q.get()) is not None:
+                yield piece
+            ended.set()
 
         def writer() -> None:
             try:
-                blobs.put_stream(iter(q.get, None), h)
+                blobs.put_stream(stream(), h)
                 outcome.append(None)
             except BaseException as exc:
                 outcome.append(exc)
-                while q.get() is not None:  # drain so the producer never blocks for ever
+                # drain so the producer never blocks for ever; but a failure found after the
+                # end marker (a hash mismatch) must not wait for a second one
+                while not ended.is_set() and q.get() is not None:
                     pass
+
+        loop = asyncio.get_running_loop()
+
+        async def put(item: bytes | None) -> None:
+            try:
+                q.put_nowait(item)  # the common case: no thread hop per piece
+            except queue.Full:
+                await loop.run_in_executor(None, q.put, item)
 
         thread = threading.Thread(target=writer, name=f"put-{h[:8]}", daemon=True)
         thread.start()
-        loop = asyncio.get_running_loop()
         try:
             async for piece in pieces:
-                await loop.run_in_executor(None, q.put, piece)
+                if outcome:  # the writer gave up: stop downloading
+                    break
+                await put(piece)
                 if progress is not None:
                     progress(len(piece))
         finally:
-            await loop.run_in_executor(None, q.put, None)
+            await put(None)
             await asyncio.to_thread(thread.join)
         if outcome and outcome[0] is not None:
             raise outcome[0]

@@ -19,7 +19,7 @@ from dht.errors import RecordError
 from dht.membership import Federation, Identity, verify_member_certificate
 from p2pacs.errors import MembershipError
 
-__all__ = ["client_context", "peer_site_id", "server_context"]
+__all__ = ["client_context", "member_site_id", "peer_site_id", "server_context"]
 
 
 def _context(purpose: ssl.Purpose, identity: Identity, federation: Federation) -> ssl.SSLContext:
@@ -62,6 +62,11 @@ def client_context(identity: Identity, federation: Federation) -> ssl.SSLContext
 def peer_site_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, federation: Federation) -> bytes:
     """The verified site_id of the other end of a TLS connection."""
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return member_site_id(der, federation)
+
+
+def member_site_id(der: bytes | None, federation: Federation) -> bytes:
+    """The site_id of a DER certificate issued by the federation CA; MembershipError if not."""
     if not der:
         raise MembershipError("the peer presented no certificate")
     try:
