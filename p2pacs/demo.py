@@ -9,8 +9,8 @@ retrieved from clinic A with C-GET and compared byte for byte with what was sent
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
