@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,18 +34,24 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0  # seconds for a site process to print its ready line
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both TCP and UDP right now on 127.0.0.1."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
-        with socket.socket(socket.AF_INET, other) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+_given: set[int] = set()
+PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so no outgoing connection takes it
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1, never handed out twice by this process."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*PORT_RANGE)
+        if port in _given:
+            continue
+        try:
+            for sock_type in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, sock_type) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _given.add(port)
         return port
     raise OSError("no free port found on 127.0.0.1")
 
@@ -204,7 +211,7 @@ class Testbed:
                     const.DEFAULT_DICOM_PORT, const.DEFAULT_TRANSFER_PORT, const.DEFAULT_DHT_PORT
                 )  # fmt: skip
             else:
-                dicom, transfer, dht = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+                dicom, transfer, dht = free_port(), free_port(), free_port()
             aet = name.upper().replace("-", "")[:16]
             bootstrap = [f"{first_host}:{first_dht}"] if first_dht else []
             site = enroll_site(

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -26,6 +27,13 @@ from p2pacs.gateway.retrieve import RetrieveHandlers
 from p2pacs.gateway.store import StoreHandler
 
 __all__ = ["Gateway"]
+
+# pynetdicom, as acceptor, takes the first syntax of OUR list that the requestor proposed:
+# prefer Explicit VR Little Endian, the syntax most archives store, then everything else
+STORAGE_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    *(ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian),
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ class Gateway:
         for cx in AllStoragePresentationContexts:
             # scp_role lets a C-GET requestor receive the instances on the same association
             self.ae.add_supported_context(
-                str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=False, scp_role=True
+                str(cx.abstract_syntax), STORAGE_SYNTAXES, scu_role=False, scp_role=True
             )
         for model in (*uids.QUERY_RETRIEVE, uids.STORAGE_COMMITMENT_PUSH):
             self.ae.add_supported_context(model)
