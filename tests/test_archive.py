@@ -15,6 +15,7 @@ What was found and is pinned here:
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pytest
 from p2pacs import const
 from p2pacs.archive import Archive
 from p2pacs.dicom import split_part10
+from p2pacs.dicom.part10 import build_prefix_pydicom
 from p2pacs.errors import InvalidDicomError, StoreError
 from p2pacs.store import hash_bytes
 
@@ -202,3 +204,23 @@ def test_bad_files_are_refused(archive: Archive, generated_dir: Path, tmp_path: 
             archive.import_file(path)
     assert archive.index.counts() == (0, 0, 0)
     assert archive.blobs.totals() == (0, 0)
+
+
+def test_received_instance_gets_standard_file_meta(archive: Archive, generated_dir: Path) -> None:
+    """A dataset received over the network (no file meta) is exported with file meta built by
+    p2pacs: the same bytes pydicom's own writer produces, readable back to the same dataset."""
+    for path in sorted(generated_dir.glob("*.dcm"))[:3]:
+        part = split_part10(path.read_bytes())
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        got = archive.ingest(part.dataset, part.transfer_syntax, source_ae="STORESCU ")
+        record = archive.index.instance(got.sop_uid)
+        assert record is not None
+        data = archive.instance_bytes(record)
+        want = build_prefix_pydicom(
+            str(ds.SOPClassUID), str(ds.SOPInstanceUID), part.transfer_syntax, "STORESCU"
+        )
+        assert data == want + bytes(part.dataset)
+        back = pydicom.dcmread(io.BytesIO(data))
+        assert back.file_meta.SourceApplicationEntityTitle == "STORESCU"
+        assert back.file_meta.TransferSyntaxUID == part.transfer_syntax
+        assert back.SOPInstanceUID == ds.SOPInstanceUID
