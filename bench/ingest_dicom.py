@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import bench_files
+
 from peers import (  # type: ignore[import-not-found,unused-ignore]
     Orthanc,
     P2pacsServe,

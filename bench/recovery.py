@@ -24,7 +24,7 @@ from p2pacs.dicom.header import extract_attributes
 from p2pacs.dicom.part10 import split_part10
 from p2pacs.dicom.scu import store_files
 from p2pacs.samples import generate_bench_instances
-from p2pacs.testbed import SiteProcess, Testbed, wait_for
+from p2pacs.testbed import Testbed, wait_for
 
 SITES = ("research-lab", "clinic-a", "clinic-b")
 
@@ -49,18 +49,6 @@ def plain_copy(files: list[Path], dest: Path) -> float:
     return time.perf_counter() - start
 
 
-def replicated(site: SiteProcess, studies: set[str], copies: int) -> bool:
-    try:
-        for uid in studies:
-            holders = [h for h in site.find(uid) if h["up"]]
-            full = max((h["instances"] for h in holders), default=0)
-            if sum(h["instances"] == full for h in holders) < copies:
-                return False
-        return True
-    except Exception:
-        return False
-
-
 def measure(root: Path, instances: int) -> dict[str, float]:
     files = generate_bench_instances(root / "instances", instances, seed=1)
     total = sum(f.stat().st_size for f in files)
@@ -75,7 +63,7 @@ def measure(root: Path, instances: int) -> dict[str, float]:
         clinic = bed["clinic-a"]
         report = store_files(clinic.host, clinic.dicom_port, clinic.aet, files)
         assert not report.failed, list(report.failed.items())[:3]
-        assert wait_for(lambda: replicated(clinic, studies, 2), 600, 1.0)
+        assert wait_for(lambda: clinic.holds_whole(studies, 2), 600, 1.0)
         clinic.kill()
         clinic.wipe()
         start = time.perf_counter()
@@ -88,7 +76,7 @@ def measure(root: Path, instances: int) -> dict[str, float]:
         bed["clinic-b"].kill()
         start = time.perf_counter()
         lab = bed["research-lab"]
-        assert wait_for(lambda: replicated(lab, studies, 2), 600, 0.5)
+        assert wait_for(lambda: lab.holds_whole(studies, 2), 600, 0.5)
         restore_r_s = time.perf_counter() - start
     mb = total / 1e6
     return {

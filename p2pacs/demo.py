@@ -18,7 +18,7 @@ from pathlib import Path
 from p2pacs.dicom.header import extract_attributes
 from p2pacs.dicom.part10 import split_part10
 from p2pacs.dicom.scu import get_study, store_files
-from p2pacs.errors import P2PacsError, RecoveryError, ReplicationError
+from p2pacs.errors import RecoveryError, ReplicationError
 from p2pacs.testbed import Testbed, wait_for
 
 __all__ = ["SITES", "DemoResult", "run_demo"]
@@ -89,18 +89,11 @@ def run_demo(
 
         expected = Counter(v[0] for v in originals.values())
 
-        def replicated() -> bool:
-            """Every study held whole (all its instances) by R live sites."""
-            try:
-                return all(
-                    sum(h["up"] and h["instances"] >= expected[uid] for h in clinic.find(uid))
-                    >= REPLICATION
-                    for uid in studies
-                )
-            except P2PacsError:
-                return False
-
-        if not wait_for(replicated, REPLICATION_TIMEOUT, 0.5):
+        if not wait_for(
+            lambda: clinic.holds_whole(set(studies), REPLICATION, expected),
+            REPLICATION_TIMEOUT,
+            0.5,
+        ):
             raise ReplicationError(
                 f"studies did not reach {REPLICATION} sites in {REPLICATION_TIMEOUT:.0f} s; "
                 f"see the logs in {root}"

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -121,6 +121,22 @@ class SiteProcess:
             timeout=timeout,
             check=False,
         )
+
+    def holds_whole(
+        self, studies: set[str], copies: int, instances: Mapping[str, int] | None = None
+    ) -> bool:
+        """Whether, as this site sees the federation, every study is held whole by ``copies``
+        live sites (whole: ``instances[uid]`` instances, or as many as the fullest holder)."""
+        try:
+            for uid in studies:
+                holders = [h for h in self.find(uid) if h["up"]]
+                full = max((h["instances"] for h in holders), default=0)
+                want = max(full, (instances or {}).get(uid, 0))
+                if sum(h["instances"] >= want for h in holders) < copies:
+                    return False
+            return True
+        except P2PacsError:
+            return False
 
     @property
     def running(self) -> bool:

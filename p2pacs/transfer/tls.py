@@ -7,9 +7,12 @@ peer certificate with ``verify_member_certificate`` and derives the peer's site_
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import ssl
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from cryptography import x509
@@ -65,11 +68,31 @@ def peer_site_id(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, federation: F
     return member_site_id(der, federation)
 
 
+_VERIFIED_MAX = 1024  # certificates remembered as verified (a federation has far fewer sites)
+# (CA fingerprint, certificate DER) -> (site_id, end of validity); a peer presents the same
+# certificate on every connection and request, so the Ed25519 check runs once per certificate
+_verified: OrderedDict[tuple[str, bytes], tuple[bytes, dt.datetime]] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
 def member_site_id(der: bytes | None, federation: Federation) -> bytes:
     """The site_id of a DER certificate issued by the federation CA; MembershipError if not."""
     if not der:
         raise MembershipError("the peer presented no certificate")
+    key = (federation.fingerprint, der)
+    now = dt.datetime.now(dt.UTC)
+    with _verified_lock:
+        hit = _verified.get(key)
+        if hit is not None and now <= hit[1]:
+            _verified.move_to_end(key)
+            return hit[0]
     try:
-        return verify_member_certificate(x509.load_der_x509_certificate(der), federation.ca_cert)
+        cert = x509.load_der_x509_certificate(der)
+        site_id = verify_member_certificate(cert, federation.ca_cert, now)
     except (RecordError, ValueError) as exc:
         raise MembershipError(f"the peer is not a member of this federation: {exc}") from exc
+    with _verified_lock:
+        _verified[key] = (site_id, cert.not_valid_after_utc)
+        while len(_verified) > _VERIFIED_MAX:
+            _verified.popitem(last=False)
+    return site_id

@@ -14,13 +14,14 @@ import time
 from typing import Any
 
 import blake3
-from dht_helpers import RawPeer, make_identity, member_datagram
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dht import DhtNode
 from dht.membership import FederationCA
 from dht.records import derive_dht_key, encode_record, seal_value, sign_record
+
+from dht_helpers import RawPeer, make_identity, member_datagram
 
 LEAF = (
     st.none()

@@ -6,9 +6,10 @@ import asyncio
 import random
 
 import pytest
-from dht_helpers import network
 
 from dht.membership import FederationCA
+
+from dht_helpers import network
 
 
 @pytest.mark.slow

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from dht_helpers import make_identity, network
 
 from dht import DhtNode, LocalProtocolError, LookupFailedError
 from dht.membership import FederationCA
+
+from dht_helpers import make_identity, network
 
 
 async def test_three_nodes_put_get(ca: FederationCA) -> None:

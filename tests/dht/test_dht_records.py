@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from dht_helpers import make_identity
 
 from dht.errors import LocalProtocolError, RecordError
 from dht.membership import FederationCA, Identity, create_federation
@@ -23,6 +22,8 @@ from dht.records import (
     unseal_value,
     verify_record,
 )
+
+from dht_helpers import make_identity
 
 NOW = time.time()
 

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from dht_helpers import RawPeer, make_identity, member_datagram, network, parse_answer
 
 from dht import DhtNode, LocalProtocolError, LookupFailedError
 from dht.membership import Federation, FederationCA, Identity, create_federation
 from dht.protocol import _hello_bytes
 from dht.records import Record, derive_dht_key, encode_record, seal_value, sign_record
 from dht.wire import KIND_RESPONSE, encode_datagram, open_datagram, parse_payload
+
+from dht_helpers import RawPeer, make_identity, member_datagram, network, parse_answer
 
 
 def signed(

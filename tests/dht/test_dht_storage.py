@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 
 import pytest
-from dht_helpers import make_identity
 from test_dht_records import build
 
 from dht.membership import FederationCA
 from dht.storage import LmdbRecordStore, MemoryRecordStore, OwnEntry, RecordStore
+
+from dht_helpers import make_identity
 
 
 @pytest.mark.parametrize("backend", ["lmdb", "memory"])

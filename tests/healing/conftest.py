@@ -6,10 +6,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fault_helpers import SITES
-from p2pacs.samples import generate_instances
 
+from p2pacs.samples import generate_instances
 from p2pacs.testbed import Testbed
+
+from fault_helpers import SITES
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from pathlib import Path
 from p2pacs.dicom.header import extract_attributes
 from p2pacs.dicom.part10 import split_part10
 from p2pacs.dicom.scu import get_study, store_files
-from p2pacs.errors import P2PacsError
 from p2pacs.testbed import SiteProcess, wait_for
 
 SITES = ("research-lab", "clinic-a", "clinic-b")
@@ -27,18 +26,17 @@ def ingest(site: SiteProcess, files: list[Path]) -> list[Path]:
 
 
 def wait_replicated(site: SiteProcess, studies: set[str], copies: int, timeout: float = 60) -> None:
-    def done() -> bool:
-        try:
-            for uid in studies:
-                holders = [h for h in site.find(uid) if h["up"]]
-                full = max((h["instances"] for h in holders), default=0)
-                if sum(h["instances"] == full for h in holders) < copies:
-                    return False
-            return True
-        except P2PacsError:
-            return False
+    assert wait_for(lambda: site.holds_whole(studies, copies), timeout, 0.5), (
+        f"studies did not reach {copies} live copies"
+    )
 
-    assert wait_for(done, timeout, 0.5), f"studies did not reach {copies} live copies"
+
+def ingest_replicated(site: SiteProcess, files: list[Path]) -> tuple[list[Path], set[str]]:
+    """C-STORE ``files`` at ``site`` and wait until every study is whole at two live sites."""
+    stored = ingest(site, files)
+    studies = studies_of(stored)
+    wait_replicated(site, studies, 2)
+    return stored, studies
 
 
 def originals(files: list[Path]) -> dict[str, tuple[str, str, bytes]]:

@@ -11,18 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+
+from p2pacs.dicom.scu import store_files
+from p2pacs.testbed import Testbed, wait_for
+
 from fault_helpers import (
     SITES,
-    ingest,
+    ingest_replicated,
     lost_at,
     originals,
     scrub_clean,
     studies_of,
     wait_replicated,
 )
-
-from p2pacs.dicom.scu import store_files
-from p2pacs.testbed import Testbed, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +56,7 @@ def test_wiped_site_recovers_and_resumes_after_sigkill(
     testbed: Testbed, fault_instances: list[Path]
 ) -> None:
     clinic = testbed["clinic-a"]
-    stored = ingest(clinic, fault_instances)
-    studies = studies_of(stored)
-    wait_replicated(clinic, studies, 2)
+    stored, studies = ingest_replicated(clinic, fault_instances)
     clinic.kill()
     clinic.wipe()
     clinic.start()  # serve resumes recovery on its own; kill it part-way, then again to the end
@@ -75,9 +74,7 @@ def test_two_sites_restarted_at_once_lose_nothing(
     testbed: Testbed, fault_instances: list[Path]
 ) -> None:
     clinic = testbed["clinic-a"]
-    stored = ingest(clinic, fault_instances)
-    studies = studies_of(stored)
-    wait_replicated(clinic, studies, 2)
+    stored, studies = ingest_replicated(clinic, fault_instances)
     others = [testbed[n] for n in SITES if n != "clinic-a"]
     for site in [clinic, others[0]]:
         site.kill()
@@ -94,9 +91,7 @@ def test_survivors_restore_r_when_a_site_dies(
     testbed: Testbed, fault_instances: list[Path]
 ) -> None:
     clinic = testbed["clinic-a"]
-    stored = ingest(clinic, fault_instances)
-    studies = studies_of(stored)
-    wait_replicated(clinic, studies, 2)
+    stored, studies = ingest_replicated(clinic, fault_instances)
     clinic.kill()
     lab = testbed["research-lab"]
     wait_replicated(lab, studies, 2, timeout=90)  # the two survivors now both hold everything
@@ -106,9 +101,7 @@ def test_survivors_restore_r_when_a_site_dies(
 
 def test_corrupt_blob_repaired_by_scrub(testbed: Testbed, fault_instances: list[Path]) -> None:
     clinic = testbed["clinic-a"]
-    stored = ingest(clinic, fault_instances[:10])
-    studies = studies_of(stored)
-    wait_replicated(clinic, studies, 2)
+    _, studies = ingest_replicated(clinic, fault_instances[:10])
     victim = (
         testbed["clinic-b"]
         if any(h["name"].startswith("clinic-b") for uid in studies for h in clinic.find(uid))

@@ -11,16 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fault_helpers import (
-    SITES,
-    dcmtk,
-    ingest,
-    lost_at,
-    originals,
-    scrub_clean,
-    studies_of,
-    wait_replicated,
-)
 
 from dht import DhtError, DhtNode
 from p2pacs.dicom.part10 import split_part10
@@ -29,6 +19,18 @@ from p2pacs.federation.identity import create_federation_dir, enroll_site, load_
 from p2pacs.node import RUNFILE
 from p2pacs.testbed import Testbed, free_port, wait_for
 from p2pacs.transfer import Peer, PeerClient
+
+from fault_helpers import (
+    SITES,
+    dcmtk,
+    ingest,
+    ingest_replicated,
+    lost_at,
+    originals,
+    scrub_clean,
+    studies_of,
+    wait_replicated,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -211,9 +213,7 @@ def test_corrupt_blob_is_repaired_when_read(testbed: Testbed, fault_instances: l
     from test_faults import corrupt_one_blob
 
     clinic = testbed["clinic-a"]
-    stored = ingest(clinic, fault_instances[:6])
-    studies = studies_of(stored)
-    wait_replicated(clinic, studies, 2)
+    stored, studies = ingest_replicated(clinic, fault_instances[:6])
     clinic.stop()
     corrupt_one_blob(clinic.path)
     clinic.start()

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from p2pacs.testbed import Testbed, wait_for
+
 from fault_helpers import (
     SITES,
     ingest,
@@ -15,8 +18,6 @@ from fault_helpers import (
     wait_replicated,
 )
 from netns_helpers import Lan, netns_available
-
-from p2pacs.testbed import Testbed, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 

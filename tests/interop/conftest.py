@@ -1,96 +1,76 @@
-"""Fixtures for interop tests: one ``p2pacs serve`` holding a mixed set of real files."""
+"""Fixtures for the interop tests: one ``p2pacs serve`` holding a mixed set of real files."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from interop_helpers import Stored, dataset_bytes
-from peers import P2pacsServe, StoreSCP, require_tools, run_dcmtk
 
-# storescu proposes a compressed syntax only when told to (one per run)
-PROPOSE = {
-    "1.2.840.10008.1.2.4.50": ["-xy"],
-    "1.2.840.10008.1.2.4.51": ["-xx"],
-    "1.2.840.10008.1.2.4.57": ["-xs"],
-    "1.2.840.10008.1.2.4.70": ["-xs"],
-    "1.2.840.10008.1.2.4.80": ["-xt"],
-    "1.2.840.10008.1.2.4.81": ["-xu"],
-    "1.2.840.10008.1.2.4.90": ["-xv"],
-    "1.2.840.10008.1.2.4.91": ["-xw"],
-    "1.2.840.10008.1.2.5": ["-xr"],
-    "1.2.840.10008.1.2.1.99": ["-xd"],
-}
+from interop_helpers import Stored, by_syntax, select_files, storescu
+from interop_peers import P2pacsServe, StoreSCP, WireSCP, free_tcp_port, require_tools
+
+DEST_AET = "STORESCP"  # the C-MOVE destination registered in the served site
 
 
-def _dcmtk_reads(path: Path) -> bool:
-    """Some of pydicom's test files are deliberately malformed; dcmtk refuses to send those."""
-    proc = run_dcmtk("dcmdump", "-M", path, check=False)
-    return proc.returncode == 0 and not proc.stderr.strip()
-
-
-def _one_per_uid(paths: list[Path]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in paths:
-        if not _dcmtk_reads(p):
-            continue
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        out.setdefault(str(ds.SOPInstanceUID), p)
+def _folders(root: Path, files: dict[str, Path], groups: dict[str, list[str]]) -> dict[str, Path]:
+    """One folder per transfer syntax (storescu proposes one compressed syntax per run)."""
+    out = {}
+    for i, (ts, uids) in enumerate(sorted(groups.items())):
+        folder = root / f"ts{i:02d}"
+        folder.mkdir(parents=True)
+        for uid in uids:
+            src = files[uid]
+            dst = folder / f"{len(list(folder.iterdir())):04d}-{src.name}"
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+        out[ts] = folder
     return out
+
+
+def _send_folder(aet: str, port: int, ts: str, folder: Path) -> dict[str, str]:
+    """storescu +sd on one folder; SOP Instance UID -> the status storescu reported."""
+    paths = sorted(folder.iterdir())
+    uids = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    result = storescu(aet, port, ts, [folder], scan=True)
+    statuses = {uids[p]: "not sent" for p in paths}
+    for path, status in result.items():
+        if path in uids:
+            statuses[uids[path]] = status
+    return statuses
 
 
 @pytest.fixture(scope="module")
 def stored(
     tmp_path_factory: pytest.TempPathFactory, pydicom_files: list[Path], generated_dir: Path
 ) -> Iterator[Stored]:
-    """A served site holding the generated studies and pydicom's files, sent by storescu."""
+    """A served site holding the generated studies and pydicom's files, sent by storescu; a
+    bare pynetdicom SCP got the same sends first, to record the bytes on the wire."""
     require_tools("storescu", "storescp", "dcmdump")
     root = tmp_path_factory.mktemp("interop")
-    files = _one_per_uid(sorted(generated_dir.glob("*.dcm")) + pydicom_files)
+    files = select_files(sorted(generated_dir.glob("*.dcm")) + pydicom_files, root / "reuid")
     headers = {u: pydicom.dcmread(p, stop_before_pixels=True) for u, p in files.items()}
-    groups: dict[str, list[Path]] = {}
-    for uid, ds in headers.items():
-        groups.setdefault(str(ds.file_meta.TransferSyntaxUID), []).append(files[uid])
-    with StoreSCP(root / "wire", "WIRE") as wire_scp:
-        for ts, paths in sorted(groups.items()):
-            _send(wire_scp.aet, wire_scp.port, ts, paths, check=False)
-    wire = _received(root / "wire")
-    with StoreSCP(root / "moved") as scp:
-        dest = {scp.aet: f"127.0.0.1:{scp.port}"}
-        with P2pacsServe(root / "site", "P2PACS", destinations=dest) as serve:
-            for ts, paths in sorted(groups.items()):
-                _send(serve.aet, serve.port, ts, paths, check=True)
-            yield Stored(serve, scp, files, headers, wire)
+    folders = _folders(root / "send", files, by_syntax(headers))
+    with WireSCP() as wire_scp:
+        for ts, folder in sorted(folders.items()):
+            _send_folder(wire_scp.aet, wire_scp.port, ts, folder)
+    dest_port = free_tcp_port()
+    dest = {DEST_AET: f"127.0.0.1:{dest_port}"}
+    with P2pacsServe(root / "site", "P2PACS", destinations=dest) as serve:
+        statuses: dict[str, str] = {}
+        for ts, folder in sorted(folders.items()):
+            statuses.update(_send_folder(serve.aet, serve.port, ts, folder))
+        sent = {u for u, s in statuses.items() if s == "Success"}
+        yield Stored(serve, DEST_AET, dest_port, files, headers, wire_scp.received, sent, statuses)
 
 
-def _send(aet: str, port: int, ts: str, paths: list[Path], *, check: bool) -> None:
-    # -R: only the contexts the files need; the -x flag makes storescu propose the files'
-    # own compressed syntax, so they are sent as they are
-    run_dcmtk(
-        "storescu",
-        "-aet",
-        "STORESCU",
-        "-aec",
-        aet,
-        "-R",
-        *PROPOSE.get(ts, []),
-        "-nh",
-        "--max-send-pdu",
-        "131072",
-        "127.0.0.1",
-        port,
-        *paths,
-        check=check,
-    )
-
-
-def _received(folder: Path) -> dict[str, tuple[str, bytes]]:
-    """SOP Instance UID -> dataset bytes of the files storescp wrote (bit-preserving)."""
-    out = {}
-    for path in folder.iterdir():
-        data = path.read_bytes()
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        out[str(ds.SOPInstanceUID)] = (str(ds.file_meta.TransferSyntaxUID), dataset_bytes(data))
-    return out
+@pytest.fixture
+def move_dest(stored: Stored, tmp_path: Path) -> Iterator[StoreSCP]:
+    """A fresh dcmtk storescp at the site's registered C-MOVE destination."""
+    with StoreSCP(tmp_path / "moved", stored.dest_aet, stored.dest_port) as scp:
+        yield scp

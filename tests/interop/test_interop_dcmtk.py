@@ -1,4 +1,9 @@
-"""dcmtk against ``p2pacs serve``: echo, store, find, move and get, checked byte for byte."""
+"""dcmtk against ``p2pacs serve``: echo, store, find, move and get, checked byte for byte.
+
+"Byte for byte" means: the dataset bytes (after the file meta, which every receiver rebuilds)
+that come back equal the bytes that went over the wire when storescu sent the file, as a bare
+pynetdicom SCP negotiating like the gateway recorded them.
+"""
 
 from __future__ import annotations
 
@@ -6,44 +11,142 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from interop_helpers import Stored, dataset_bytes
-from peers import P2pacsServe, require_tools, run_dcmtk
+from interop_helpers import GETSCU_PREFER, Stored, dataset_bytes, read_folder, syntax_mix
+from interop_peers import StoreSCP, require_tools, run_dcmtk
 
 pytestmark = pytest.mark.interop
 
+COMPRESSED = {
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE lossless
+}
 
-def test_echo(tmp_path: Path) -> None:
+
+def _generated(stored: Stored) -> list[pydicom.Dataset]:
+    """Headers of the generated instances (seed 11: patient IDs P11...), in file order."""
+    return [
+        stored.headers[u]
+        for u in sorted(stored.sent, key=lambda u: stored.files[u].name)
+        if str(stored.headers[u].get("PatientID", "")).startswith("P11")
+    ]
+
+
+def _echo(stored: Stored) -> None:
+    run_dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", stored.serve.aet, "127.0.0.1", stored.serve.port)
+
+
+def test_echoscu(stored: Stored) -> None:
     require_tools("echoscu")
-    with P2pacsServe(tmp_path / "site", "ECHOTEST") as serve:
-        proc = run_dcmtk("echoscu", "-aec", serve.aet, "127.0.0.1", serve.port)
-        assert proc.returncode == 0
+    _echo(stored)
 
 
-def test_storescu_archived_everything(stored: Stored, tmp_path: Path) -> None:
-    from p2pacs.site import Site
+def test_storescu_mixed_folder_all_sent(stored: Stored) -> None:
+    """storescu sent every file of the mixed folder (many SOP classes, every syntax of
+    pydicom's test files) and the site acknowledged it; the reference SCP got the same."""
+    mix = syntax_mix({u: stored.headers[u] for u in stored.sent})
+    assert COMPRESSED <= set(mix), mix
+    assert len(mix) >= 9, mix
+    classes = {str(stored.headers[u].SOPClassUID) for u in stored.sent}
+    assert len(classes) >= 10, classes
+    failed = {stored.files[u].name: s for u, s in stored.statuses.items() if s != "Success"}
+    assert not failed, failed
+    assert stored.sent == set(stored.wire)
 
-    stored.serve.stop()  # the site's LMDB is ours to read only once serve is gone
-    try:
-        with Site.open(stored.serve.site_dir).archive() as arc:
-            syntaxes = {str(h.file_meta.TransferSyntaxUID) for h in stored.headers.values()}
-            # uncompressed (both endians, implicit), deflate and JPEG/JPEG-LS/J2K/RLE as sent
-            assert len(syntaxes) >= 8, syntaxes
-            compared = 0
-            for uid, path in stored.files.items():
-                record = arc.index.instance(uid)
-                assert record is not None, f"{path.name} ({uid}) was not archived"
-                header = stored.headers[uid]
-                if header.file_meta.TransferSyntaxUID.is_compressed:  # kept as sent, not decoded
-                    assert record.current.transfer_syntax == header.file_meta.TransferSyntaxUID
-                ts, sent = stored.wire.get(uid, ("", b""))
-                if ts == record.current.transfer_syntax:  # storescu re-encodes some files
-                    compared += 1
-                    assert arc.dataset_bytes(record) == sent, path.name
-                if str(header.get("PatientID", "")).startswith("P11"):  # generated: sent unchanged
-                    assert arc.dataset_bytes(record) == dataset_bytes(path.read_bytes())
-            assert compared >= 0.6 * len(stored.files)
-    finally:
-        stored.serve.start()
+
+def _movescu(stored: Stored, level: str, dest: str, *keys: str) -> str:
+    proc = run_dcmtk(
+        "movescu",
+        "-v",
+        "-S",
+        "-aet",
+        "MOVESCU",
+        "-aec",
+        stored.serve.aet,
+        "-aem",
+        dest,
+        "-k",
+        f"QueryRetrieveLevel={level}",
+        *(a for k in keys for a in ("-k", k)),
+        "127.0.0.1",
+        stored.serve.port,
+        check=False,
+    )
+    return proc.stdout + proc.stderr + f"\nexit {proc.returncode}"
+
+
+def test_every_sent_file_is_retrievable(stored: Stored, move_dest: StoreSCP) -> None:
+    """C-MOVE of every study storescu sent: each acknowledged instance comes back, in the
+    syntax it went in, with the very bytes that went over the wire."""
+    require_tools("movescu")
+    studies = sorted(stored.values("StudyInstanceUID"))
+    out = _movescu(stored, "STUDY", move_dest.aet, "StudyInstanceUID=" + "\\".join(studies))
+    assert "exit 0" in out, out
+    got = read_folder(move_dest.out_dir)
+    missing = [stored.files[u].name for u in stored.sent - set(got)]
+    assert not missing, missing
+    changed = [stored.files[u].name for u in stored.sent if got[u] != stored.wire[u]]
+    assert not changed, changed
+
+
+def test_movescu_study_byte_identical(stored: Stored, move_dest: StoreSCP) -> None:
+    """One generated study (explicit and implicit VR, a 10 MiB multi-frame): what arrives at
+    storescp is what was sent, and where storescu sent the file as it was, the file itself."""
+    require_tools("movescu")
+    first = _generated(stored)[0]
+    study = str(first.StudyInstanceUID)
+    out = _movescu(stored, "STUDY", move_dest.aet, f"StudyInstanceUID={study}")
+    assert "exit 0" in out, out
+    got = read_folder(move_dest.out_dir)
+    uids = stored.uids(StudyInstanceUID=study)
+    assert len(uids) >= 6 and set(got) == uids
+    assert {u: got[u] for u in uids} == {u: stored.wire[u] for u in uids}
+    unchanged = 0
+    for uid in uids:
+        header = stored.headers[uid]
+        if got[uid][0] == str(header.file_meta.TransferSyntaxUID):
+            unchanged += 1
+            assert got[uid][1] == dataset_bytes(stored.files[uid].read_bytes())
+    assert unchanged >= 1
+
+
+def test_getscu_each_syntax_byte_identical(stored: Stored, tmp_path: Path) -> None:
+    """getscu 3.6.7 has no accept-all flag: one run per stored syntax, preferring it, at IMAGE
+    level for that syntax's instances; every instance comes back unchanged."""
+    require_tools("getscu")
+    groups: dict[str, set[str]] = {}
+    for uid in stored.sent:
+        groups.setdefault(stored.wire[uid][0], set()).add(uid)
+    assert len(groups) >= 6, sorted(groups)
+    for i, (ts, uids) in enumerate(sorted(groups.items())):
+        out = tmp_path / f"get{i}"
+        out.mkdir()
+        proc = run_dcmtk(
+            "getscu",
+            "-S",
+            "-aet",
+            "GETSCU",
+            "-aec",
+            stored.serve.aet,
+            GETSCU_PREFER[ts],
+            "+B",
+            "-od",
+            out,
+            "-k",
+            "QueryRetrieveLevel=IMAGE",
+            "-k",
+            "SOPInstanceUID=" + "\\".join(sorted(uids)),
+            "127.0.0.1",
+            stored.serve.port,
+            check=False,
+        )
+        got = read_folder(out)
+        names = {stored.files[u].name for u in uids - set(got)}
+        assert not names, f"{ts}: not received {names}\n{proc.stderr[-3000:]}"
+        changed = {stored.files[u].name for u in uids if got[u] != stored.wire[u]}
+        assert not changed, f"{ts}: changed {changed}"
 
 
 def _findscu(
@@ -51,46 +154,25 @@ def _findscu(
 ) -> list[pydicom.Dataset]:
     """Run findscu and read back its responses (-X writes one file per response)."""
     out.mkdir()
-    args = [
-        "-aet",
-        "FINDSCU",
-        "-aec",
-        stored.serve.aet,
-        model,
-        "-X",
-        "-od",
-        out,
-        "-k",
-        f"QueryRetrieveLevel={level}",
-    ]
+    args: list[str | Path] = ["-aet", "FINDSCU", "-aec", stored.serve.aet, model, "-X"]
+    args += ["-od", out, "-k", f"QueryRetrieveLevel={level}"]
     for kw, value in keys.items():
         args += ["-k", f"{kw}={value}" if value else kw]
     run_dcmtk("findscu", *args, "127.0.0.1", stored.serve.port)
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
-def _generated(stored: Stored) -> list[pydicom.Dataset]:
-    """Headers of the generated instances (seed 11: patient IDs P11...), in file order."""
-    return [
-        stored.headers[u]
-        for u in sorted(stored.files, key=lambda u: stored.files[u].name)
-        if str(stored.headers[u].get("PatientID", "")).startswith("P11")
-    ]
-
-
-def _of(stored: Stored, kw: str, **where: str) -> set[str]:
-    return {
-        str(h.get(kw, ""))
-        for h in stored.headers.values()
-        if all(str(h.get(k, "")) == v for k, v in where.items())
-    }
-
-
-def test_findscu_each_level(stored: Stored, tmp_path: Path) -> None:
+def test_findscu_patient_level(stored: Stored, tmp_path: Path) -> None:
     require_tools("findscu")
     rows = _findscu(stored, tmp_path / "p", "-P", "PATIENT", PatientID="", PatientName="")
-    assert {str(r.get("PatientID", "")) for r in rows} == _of(stored, "PatientID")
+    assert {str(r.get("PatientID", "")) for r in rows} == stored.values("PatientID")
+    first = _generated(stored)[0]
+    mine = [r for r in rows if r.PatientID == first.PatientID]
+    assert len(mine) == 1 and str(mine[0].PatientName) == str(first.PatientName)
 
+
+def test_findscu_study_level(stored: Stored, tmp_path: Path) -> None:
+    require_tools("findscu")
     rows = _findscu(
         stored,
         tmp_path / "s",
@@ -101,14 +183,16 @@ def test_findscu_each_level(stored: Stored, tmp_path: Path) -> None:
         StudyDate="",
         NumberOfStudyRelatedInstances="",
     )
-    studies = _of(stored, "StudyInstanceUID")
-    assert {str(r.StudyInstanceUID) for r in rows} == studies
-    generated = _generated(stored)
-    first = generated[0]
-    mine = [h for h in stored.headers.values() if h.StudyInstanceUID == first.StudyInstanceUID]
+    assert {str(r.StudyInstanceUID) for r in rows} == stored.values("StudyInstanceUID")
     by_study = {str(r.StudyInstanceUID): r for r in rows}
-    assert by_study[first.StudyInstanceUID].NumberOfStudyRelatedInstances == len(mine)
+    for header in _generated(stored):
+        row = by_study[str(header.StudyInstanceUID)]
+        assert row.PatientID == header.PatientID
+        assert row.StudyDate == header.StudyDate
+        count = len(stored.uids(StudyInstanceUID=str(header.StudyInstanceUID)))
+        assert int(row.NumberOfStudyRelatedInstances) == count
 
+    first = _generated(stored)[0]
     family = str(first.PatientName).split("^")[0]
     rows = _findscu(
         stored,
@@ -120,13 +204,17 @@ def test_findscu_each_level(stored: Stored, tmp_path: Path) -> None:
         StudyDate=f"{first.StudyDate}-",
     )
     want = {
-        str(h.StudyInstanceUID)
-        for h in stored.headers.values()
-        if str(h.get("PatientName", "")).lower().startswith(family.lower())
-        and str(h.get("StudyDate", "")) >= str(first.StudyDate)
+        str(stored.headers[u].StudyInstanceUID)
+        for u in stored.sent
+        if str(stored.headers[u].get("PatientName", "")).lower().startswith(family.lower())
+        and str(stored.headers[u].get("StudyDate", "")) >= str(first.StudyDate)
     }
     assert want and {str(r.StudyInstanceUID) for r in rows} == want
 
+
+def test_findscu_series_level(stored: Stored, tmp_path: Path) -> None:
+    require_tools("findscu")
+    first = _generated(stored)[0]
     study = str(first.StudyInstanceUID)
     rows = _findscu(
         stored,
@@ -136,141 +224,49 @@ def test_findscu_each_level(stored: Stored, tmp_path: Path) -> None:
         StudyInstanceUID=study,
         SeriesInstanceUID="",
         Modality="",
+        SeriesNumber="",
     )
-    assert {str(r.SeriesInstanceUID) for r in rows} == _of(
-        stored, "SeriesInstanceUID", StudyInstanceUID=study
+    assert {str(r.SeriesInstanceUID) for r in rows} == stored.values(
+        "SeriesInstanceUID", StudyInstanceUID=study
     )
-    assert {str(r.Modality) for r in rows} == {str(first.Modality)}
+    for row in rows:
+        header = stored.headers[next(iter(stored.uids(SeriesInstanceUID=row.SeriesInstanceUID)))]
+        assert row.Modality == header.Modality
+        assert int(row.SeriesNumber) == int(header.SeriesNumber)
 
+
+def test_findscu_image_level(stored: Stored, tmp_path: Path) -> None:
+    require_tools("findscu")
+    first = _generated(stored)[0]
     series = str(first.SeriesInstanceUID)
     rows = _findscu(
         stored,
         tmp_path / "i",
-        "-P",
+        "-S",
         "IMAGE",
-        PatientID=str(first.PatientID),
-        StudyInstanceUID=study,
+        StudyInstanceUID=str(first.StudyInstanceUID),
         SeriesInstanceUID=series,
         SOPInstanceUID="",
+        SOPClassUID="",
+        InstanceNumber="",
     )
-    assert {str(r.SOPInstanceUID) for r in rows} == _of(
-        stored, "SOPInstanceUID", SeriesInstanceUID=series
-    )
-
-
-def _dataset_of(folder: Path) -> dict[str, bytes]:
-    out = {}
-    for path in folder.iterdir():
-        out[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = dataset_bytes(
-            path.read_bytes()
-        )
-    return out
-
-
-def _archived(stored: Stored, uids: set[str]) -> dict[str, bytes]:
-    """What the site holds for these instances: the generated files, sent unchanged."""
-    return {u: dataset_bytes(stored.files[u].read_bytes()) for u in uids}
-
-
-def test_movescu_to_storescp(stored: Stored) -> None:
-    require_tools("movescu")
-    generated = _generated(stored)
-    study = str(generated[-1].StudyInstanceUID)
-    run_dcmtk(
-        "movescu",
-        "-S",
-        "-aet",
-        "MOVESCU",
-        "-aec",
-        stored.serve.aet,
-        "-aem",
-        stored.storescp.aet,
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={study}",
-        "127.0.0.1",
-        stored.serve.port,
-    )
-    got = _dataset_of(stored.storescp.out_dir)
-    uids = _of(stored, "SOPInstanceUID", StudyInstanceUID=study)
-    assert got == _archived(stored, uids)
-
-
-def _getscu_series(stored: Stored, out: Path, *flags: str) -> tuple[dict[str, bytes], set[str]]:
-    generated = _generated(stored)
-    series = str(generated[0].SeriesInstanceUID)
-    out.mkdir()
-    run_dcmtk(
-        "getscu",
-        "-S",
-        "-aet",
-        "GETSCU",
-        "-aec",
-        stored.serve.aet,
-        "+B",
-        *flags,
-        "-od",
-        out,
-        "-k",
-        "QueryRetrieveLevel=SERIES",
-        "-k",
-        f"StudyInstanceUID={generated[0].StudyInstanceUID}",
-        "-k",
-        f"SeriesInstanceUID={series}",
-        "127.0.0.1",
-        stored.serve.port,
-    )
-    return _dataset_of(out), _of(stored, "SOPInstanceUID", SeriesInstanceUID=series)
-
-
-def _stored_as(stored: Stored, uids: set[str], implicit: bool) -> set[str]:
-    return {
-        u for u in uids if stored.headers[u].file_meta.TransferSyntaxUID.is_implicit_VR is implicit
-    }
-
-
-def test_getscu_one_syntax_byte_identical(stored: Stored, tmp_path: Path) -> None:
-    """With one proposed syntax, instances stored in it must arrive unchanged (others are
-    converted). getscu 3.6.7's +xi in fact proposes only Explicit VR LE (see its -d output)."""
-    require_tools("getscu")
-    got, uids = _getscu_series(stored, tmp_path / "get", "+xi")
-    assert set(got) == uids
-    explicit = _stored_as(stored, uids, False)
-    assert explicit and {u: got[u] for u in explicit} == _archived(stored, explicit)
-    for uid in uids - explicit:  # converted: same header, other encoding
-        assert got[uid] != _archived(stored, {uid})[uid]
-
-
-def test_getscu_explicit_vr_byte_identical(stored: Stored, tmp_path: Path) -> None:
-    require_tools("getscu")
-    got, uids = _getscu_series(stored, tmp_path / "get")
-    assert set(got) == uids
-    explicit = _stored_as(stored, uids, False)
-    assert explicit and {u: got[u] for u in explicit} == _archived(stored, explicit)
+    uids = stored.uids(SeriesInstanceUID=series)
+    assert {str(r.SOPInstanceUID) for r in rows} == uids
+    for row in rows:
+        header = stored.headers[str(row.SOPInstanceUID)]
+        assert row.SOPClassUID == header.SOPClassUID
+        assert int(row.InstanceNumber) == int(header.InstanceNumber)
 
 
 def test_move_to_unknown_destination_fails(stored: Stored) -> None:
-    require_tools("movescu")
-    generated = _generated(stored)
-    proc = run_dcmtk(
-        "movescu",
-        "-S",
-        "-aet",
-        "MOVESCU",
-        "-aec",
-        stored.serve.aet,
-        "-aem",
-        "NOWHERE",
-        "-k",
-        "QueryRetrieveLevel=STUDY",
-        "-k",
-        f"StudyInstanceUID={generated[0].StudyInstanceUID}",
-        "127.0.0.1",
-        stored.serve.port,
-        check=False,
-    )
-    assert proc.returncode != 0 and "MoveDestinationUnknown" in proc.stderr
+    require_tools("movescu", "echoscu")
+    first = _generated(stored)[0]
+    out = _movescu(stored, "STUDY", "NOWHERE", f"StudyInstanceUID={first.StudyInstanceUID}")
+    assert "exit 0" not in out
+    # PS3.4 C.4.2.1.5: Refused, Move Destination unknown (0xA801)
+    assert "Move Response (Failed: MoveDestinationUnknown)" in out, out
+    assert stored.serve.alive()
+    _echo(stored)
 
 
 def test_findscu_bad_level_is_refused(stored: Stored, tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from interop_helpers import dataset_bytes
-from peers import Orthanc, P2pacsServe, free_tcp_port, require_tools, run_dcmtk
+from interop_peers import Orthanc, P2pacsServe, free_tcp_port, require_tools, run_dcmtk
 
 pytestmark = pytest.mark.interop
 
