@@ -61,8 +61,11 @@ def test_every_p2pacs_command_parses() -> None:
             assert args.command == "serve"
             assert str(args.site) == "/var/lib/p2pacs/site"
     script = (DOCKER / "enroll.sh").read_text()
-    assert "p2pacs federation create --out" in script
-    _parse(["federation", "create", "--out", "/federation", "--name", "testbed"])
+    (create,) = [
+        line.strip() for line in script.splitlines() if line.strip().startswith("p2pacs federation")
+    ]
+    args = _parse(shlex.split(create.replace('"$FED"', "/federation"))[1:])
+    assert args.command == "federation" and str(args.out) == "/federation"
     for argv in _enrollments():
         args = _parse(argv)
         assert args.command == "site" and args.no_discovery
@@ -92,6 +95,33 @@ def test_orthanc_configs_match_the_enrolled_sites() -> None:
         assert args.bootstrap == [f"lab:{lab.dht_port}"]
 
 
+def test_sites_serve_the_directory_they_were_enrolled_into() -> None:
+    """enroll writes /sites/NAME/site on volume NAME; the site container must open that path."""
+    services = _compose()["services"]
+    enroll_mounts = dict(v.split(":")[:2][::-1] for v in services["enroll"]["volumes"])
+    for argv in _enrollments():
+        args = _parse(argv)
+        service = services[args.name]
+        assert service.get("hostname", args.name) == args.host
+        out = Path(str(args.out))
+        volume = enroll_mounts[str(out.parent)]
+        (mount,) = [v.split(":")[1] for v in service["volumes"] if v.split(":")[0] == volume]
+        served = _parse(list(service["command"]))
+        assert Path(str(served.site)) == Path(mount) / out.name
+
+
+def test_readme_commands_parse() -> None:
+    """Every `p2pacs ...` the README tells an operator to run must be accepted by the real CLI."""
+    readme = (DOCKER / "README.md").read_text()
+    found = 0
+    for line in readme.splitlines():
+        words = shlex.split(line.split("#")[0]) if " p2pacs " in line else []
+        if "p2pacs" in words and words[0] == "docker":
+            _parse(words[words.index("p2pacs") + 1 :])
+            found += 1
+    assert found >= 4
+
+
 def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.MULTILINE)
@@ -102,6 +132,10 @@ def test_dockerfile_runs_unprivileged_and_checks_health() -> None:
         str(const.DEFAULT_TRANSFER_PORT),
         f"{const.DEFAULT_DHT_PORT}/udp",
     }
+    for argv in _enrollments():
+        args = _parse(argv)
+        ports = {str(args.dicom_port), str(args.transfer_port), f"{args.dht_port}/udp"}
+        assert ports == exposed, f"site {args.name} listens on {ports}, the image exposes {exposed}"
     health = re.search(r'CMD \["p2pacs", (.+)\]\s*$', text, flags=re.MULTILINE)
     assert health is not None
     argv = json.loads(f"[{health[1]}]")
