@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -18,8 +17,10 @@ import pytest
 from dht.membership import create_federation
 from p2pacs.discovery import DiscoveredSite, Discovery, parse_service
 from p2pacs.federation.identity import create_federation_dir, enroll_site
+from p2pacs.site import Site
 
 from fed_helpers import make_identity
+from netns_helpers import Lan, netns_available
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -81,86 +82,65 @@ async def test_two_members_find_each_other_on_loopback_and_ignore_others() -> No
                 await side.stop()
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
-def _netns_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    probe = f"fdchk{secrets.token_hex(3)}"
-    try:
-        _ip("netns", "add", probe)
-        _ip("netns", "del", probe)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"'ip netns add' failed here: {exc}"
-    return None
-
-
 @pytest.mark.netns
 def test_discovery_across_two_namespaces(tmp_path: Path) -> None:
-    reason = _netns_reason()
+    reason = netns_available()
     if reason is not None:
         pytest.skip(reason)
-    tag = secrets.token_hex(3)
-    subnet = f"10.231.{int(tag[:2], 16)}"
-    bridge_ns, sides_ns = f"fdb{tag}", [f"fda{tag}", f"fdc{tag}"]
-    hosts = [f"{subnet}.1", f"{subnet}.2"]
     names = ["ns-clinic-a", "ns-clinic-b"]
-    fed = create_federation_dir(tmp_path / "fed", "netns")
-    sites = [enroll_site(fed, n, tmp_path / n, host=h) for n, h in zip(names, hosts, strict=True)]
     procs: list[subprocess.Popen[str]] = []
-    try:
-        _ip("netns", "add", bridge_ns)
-        _ip("-n", bridge_ns, "link", "add", "br0", "type", "bridge")
-        _ip("-n", bridge_ns, "link", "set", "br0", "up")
-        for i, (ns, host) in enumerate(zip(sides_ns, hosts, strict=True)):
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-            inner, outer = f"fdv{i}{tag}", f"fdp{i}{tag}"
-            _ip("link", "add", inner, "type", "veth", "peer", "name", outer)
-            _ip("link", "set", inner, "netns", ns, "name", "eth0")
-            _ip("link", "set", outer, "netns", bridge_ns)
-            _ip("-n", bridge_ns, "link", "set", outer, "master", "br0", "up")
-            _ip("-n", ns, "addr", "add", f"{host}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE)])}
-        for i, ns in enumerate(sides_ns):
-            cmd = [
-                "ip", "netns", "exec", ns, sys.executable, str(HERE / "fed_discovery_side.py"),
-                "--site", str(sites[i].path), "--host", hosts[i],
-                "--expect", names[1 - i], "--timeout", "30",
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
+    with Lan(len(names)) as lan:
+        hosts = lan.hosts
+        fed = create_federation_dir(tmp_path / "fed", "netns")
+        sites = [
+            enroll_site(fed, n, tmp_path / n, host=h) for n, h in zip(names, hosts, strict=True)
+        ]
+        try:
+            _run_sides(lan, sites, names, hosts, procs)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)
+
+
+def _run_sides(
+    lan: Lan,
+    sites: list[Site],
+    names: list[str],
+    hosts: list[str],
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """Each side announces and browses from its own namespace and reports what it found."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE)])}
+    for i in range(len(sites)):
+        cmd = [
+            *lan.prefix(i), sys.executable, str(HERE / "fed_discovery_side.py"),
+            "--site", str(sites[i].path), "--host", hosts[i],
+            "--expect", names[1 - i], "--timeout", "30",
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
             )
-        reports = []
-        for p in procs:
-            assert p.stdout is not None
-            line = p.stdout.readline()  # bounded: each side prints by its own 30 s deadline
-            assert line, f"side exited without a report: {p.communicate(timeout=10)[1][-2000:]}"
-            reports.append(json.loads(line))
-        for p in procs:
-            p.communicate(input="", timeout=15)  # close stdin: they unregister and exit
-            assert p.returncode == 0
-        for i, report in enumerate(reports):
-            assert report["site"] == names[i]
-            other = 1 - i
-            assert [s["name"] for s in report["found"]] == [names[other]], report
-            assert report["found"][0]["host"] == hosts[other]
-            assert report["found"][0]["xfer"] == 11180
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        for ns in (*sides_ns, bridge_ns):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                _ip("netns", "del", ns)
+        )
+    reports = []
+    for p in procs:
+        assert p.stdout is not None
+        line = p.stdout.readline()  # bounded: each side prints by its own 30 s deadline
+        assert line, f"side exited without a report: {p.communicate(timeout=10)[1][-2000:]}"
+        reports.append(json.loads(line))
+    for p in procs:
+        p.communicate(input="", timeout=15)  # close stdin: they unregister and exit
+        assert p.returncode == 0
+    for i, report in enumerate(reports):
+        assert report["site"] == names[i]
+        other = 1 - i
+        assert [s["name"] for s in report["found"]] == [names[other]], report
+        assert report["found"][0]["host"] == hosts[other]
+        assert report["found"][0]["xfer"] == 11180
