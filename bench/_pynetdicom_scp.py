@@ -16,6 +16,8 @@ from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
+from p2pacs.const import DUL_POLL_DELAY
+
 
 def main() -> None:
     out, port = Path(sys.argv[1]), int(sys.argv[2])
@@ -30,6 +32,8 @@ def main() -> None:
 
     def nodelay(event: Any) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the same DUL poll interval as the gateway, so the baseline is pynetdicom at its best
+        event.assoc.dul._run_loop_delay = DUL_POLL_DELAY
 
     ae = AE(ae_title="PYNETDICOM")
     ae.maximum_pdu_size = 0

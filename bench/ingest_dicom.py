@@ -8,7 +8,11 @@ PDUs, one association) to, in turn:
     ``event.encoded_dataset()`` to a file,
 (d) ``p2pacs serve`` (durable: LMDB commit with fsync before the C-STORE response).
 Each receiver gets ``--rounds`` sends (fresh receiver each time) and keeps its best. Last line:
-a JSON object.
+a JSON object. The peers come from tests/interop/interop_peers.py.
+
+One association, so every C-STORE waits for its own commit: with ``[store] sync = false``
+p2pacs matched the bare pynetdicom SCP here, i.e. the gap to it is the fsync. Orthanc 1.10
+fsyncs too (``SyncStorageArea`` defaults to true); the bare pynetdicom SCP and storescp do not.
 
     python bench/ingest_dicom.py --instances 200
 """
@@ -28,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
 
 from _common import bench_files
 
-from peers import (  # type: ignore[import-not-found,unused-ignore]
+from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
     Orthanc,
     P2pacsServe,
     StoreSCP,
@@ -128,7 +132,7 @@ def measure(
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--instances", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     args = ap.parse_args()
 

@@ -20,3 +20,4 @@ DEFAULT_TRANSFER_PORT = 11180  # HTTPS peer-transfer API
 DEFAULT_DHT_PORT = 11190  # UDP Kademlia
 DEFAULT_REPLICATION = 2  # R: sites holding every study (design.md)
 DEFAULT_MAX_PDU = 0  # 0 = unlimited; pynetdicom's fastest setting for large instances
+DUL_POLL_DELAY = 0.0001  # seconds pynetdicom's DUL thread sleeps when idle (its default: 1 ms)

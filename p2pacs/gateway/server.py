@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -36,6 +36,41 @@ STORAGE_SYNTAXES = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _prefer_requested_compression(event: evt.Event) -> None:
+    """For C-GET, accept a compressed syntax the requestor proposes for a storage class.
+
+    pynetdicom, as acceptor, takes the first syntax of OUR list that the requestor proposed,
+    Explicit VR LE first. A C-GET requestor such as dcmtk getscu proposes one context per
+    storage class, its preferred compressed syntax first, then the uncompressed ones; taking
+    Explicit VR LE there leaves no context for instances stored compressed, and they are never
+    transcoded, so every such C-STORE sub-operation fails (0xA702) although the requestor
+    asked for exactly that syntax. Only contexts where the requestor proposes the SCP role
+    (the C-GET receiving side) are reordered; C-STORE negotiation stays as it is.
+    """
+    requestor = event.assoc.requestor
+    scp_role = {str(uid) for uid, item in requestor.role_selection.items() if item.scp_role}
+    if not scp_role:
+        return
+    wanted: dict[str, list[str]] = {}
+    proposed = (
+        requestor.primitive.presentation_context_definition_list if requestor.primitive else []
+    )
+    for cx in proposed:
+        if str(cx.abstract_syntax) in scp_role:
+            order = wanted.setdefault(str(cx.abstract_syntax), [])
+            for ts in cx.transfer_syntax:
+                if UID(ts).is_compressed and str(ts) not in order:
+                    order.append(str(ts))
+    contexts = event.assoc.acceptor.supported_contexts
+    for cx in contexts:
+        first = wanted.get(str(cx.abstract_syntax))
+        if first:
+            ours = [str(ts) for ts in cx.transfer_syntax]
+            reordered: list[str | bytes | UID] = [t for t in first if t in ours]
+            cx.transfer_syntax = reordered + [t for t in ours if t not in first]
+    event.assoc.acceptor.supported_contexts = contexts
 
 
 def _log_association(event: evt.Event) -> None:
@@ -74,6 +109,7 @@ class Gateway:
         self.handlers: list[Any] = [
             *nodelay_handlers(),
             (evt.EVT_REQUESTED, _log_association),
+            (evt.EVT_REQUESTED, _prefer_requested_compression),
             (evt.EVT_C_STORE, StoreHandler(archive)),
             (evt.EVT_C_FIND, FindHandler(archive.index)),
             (evt.EVT_C_GET, self.retrieve.on_get),

@@ -15,6 +15,8 @@ from interop_peers import P2pacsServe, run_dcmtk
 # storescu 3.6.7 proposes a compressed syntax only when told to; with -R it proposes, per SOP
 # class, just what the files need, so each file goes in its own syntax (one flag per run)
 STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.2": "-xb",
     "1.2.840.10008.1.2.4.50": "-xy",
     "1.2.840.10008.1.2.4.51": "-xx",
     "1.2.840.10008.1.2.4.57": "-xs",
@@ -30,10 +32,8 @@ STORESCU_PROPOSE = {
 # getscu 3.6.7 has no "accept all" flag: it accepts one preferred syntax (+x..) plus the
 # uncompressed ones, so each stored syntax is fetched with its own preference
 GETSCU_PREFER = {
-    "1.2.840.10008.1.2": "+xi",
-    "1.2.840.10008.1.2.1": "+xe",
-    "1.2.840.10008.1.2.2": "+xb",
     **{ts: "+" + flag[1:] for ts, flag in STORESCU_PROPOSE.items()},
+    "1.2.840.10008.1.2.1": "+xe",
 }
 
 
@@ -71,7 +71,7 @@ class Stored:
     dest_port: int
     files: dict[str, Path]  # SOP Instance UID -> the file sent
     headers: dict[str, pydicom.Dataset]
-    wire: dict[str, tuple[str, bytes]]  # (syntax, dataset bytes) a pynetdicom SCP received
+    wire: dict[str, dict[str, bytes]]  # syntax -> dataset bytes the reference SCPs received
     sent: set[str] = field(default_factory=set)  # UIDs storescu reported stored at the site
     statuses: dict[str, str] = field(default_factory=dict)  # UID -> storescu's report
 
@@ -82,6 +82,10 @@ class Stored:
             for u in self.sent
             if all(str(self.headers[u].get(k, "")) == v for k, v in where.items())
         }
+
+    def same_as_sent(self, uid: str, got: tuple[str, bytes]) -> bool:
+        """Whether ``(syntax, dataset bytes)`` are what storescu sent in that syntax."""
+        return self.wire.get(uid, {}).get(got[0]) == got[1]
 
     def values(self, keyword: str, **where: str) -> set[str]:
         return {str(self.headers[u].get(keyword, "")) for u in self.uids(**where)}
@@ -169,3 +173,31 @@ def storescu(
 
 def syntax_mix(headers: dict[str, pydicom.Dataset]) -> Counter[str]:
     return Counter(str(h.file_meta.TransferSyntaxUID) for h in headers.values())
+
+
+@dataclass
+class RetrievedAll:
+    files: dict[str, tuple[str, bytes]]  # SOP Instance UID -> (syntax, dataset bytes)
+    log: str  # movescu's output and exit status
+
+
+def movescu(stored: Stored, level: str, dest: str, *keys: str) -> str:
+    """Run movescu (Study Root) against the site; its output, ending with ``exit N``."""
+    proc = run_dcmtk(
+        "movescu",
+        "-v",
+        "-S",
+        "-aet",
+        "MOVESCU",
+        "-aec",
+        stored.serve.aet,
+        "-aem",
+        dest,
+        "-k",
+        f"QueryRetrieveLevel={level}",
+        *(a for k in keys for a in ("-k", k)),
+        "127.0.0.1",
+        stored.serve.port,
+        check=False,
+    )
+    return proc.stdout + proc.stderr + f"\nexit {proc.returncode}"

@@ -1,8 +1,9 @@
 """Real DICOM peers for the interop tests and bench/ingest_dicom.py: dcmtk tools, Orthanc,
 ``p2pacs serve`` and a bare pynetdicom receiver (the reference for what went over the wire).
 
-Every peer is a plain child process started with TCP_NODELAY=1 (without it each C-STORE stalls
-~40 ms on loopback), waited for with a deadline, and stopped by its PID in ``finally``.
+Every external peer is a plain child process started with TCP_NODELAY=1 (without it each
+C-STORE stalls ~40 ms on loopback), waited for with a deadline, and stopped by its PID in
+``finally``. Imported by path from bench/ingest_dicom.py, so it must not need test fixtures.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "WireSCP",
     "free_tcp_port",
     "peer_env",
+    "prefer_requested_syntaxes",
     "require_tools",
     "run_dcmtk",
     "tool_path",
@@ -330,16 +332,36 @@ class P2pacsServe(_Process):
         return self.proc is not None and self.proc.poll() is None
 
 
-class WireSCP:
-    """A bare pynetdicom Storage SCP in this process that keeps each received dataset's bytes.
+def prefer_requested_syntaxes(event: Any) -> None:
+    """EVT_REQUESTED handler: per abstract syntax, order the acceptor's transfer syntaxes as the
+    requestor proposed them, so pynetdicom accepts the requestor's preferred one."""
+    requested: dict[str, list[str]] = {}
+    for cx in event.assoc.requestor.primitive.presentation_context_definition_list:
+        order = requested.setdefault(str(cx.abstract_syntax), [])
+        for ts in map(str, cx.transfer_syntax):
+            if ts not in order:
+                order.append(ts)
+    contexts = event.assoc.acceptor.supported_contexts
+    for cx in contexts:
+        order = requested.get(str(cx.abstract_syntax), [])
+        ours = [str(ts) for ts in cx.transfer_syntax]
+        cx.transfer_syntax = [t for t in order if t in ours] + [t for t in ours if t not in order]
+    event.assoc.acceptor.supported_contexts = contexts
 
-    It offers the transfer syntaxes in the gateway's order (pynetdicom as acceptor takes the
-    first of its own list that the requestor proposed), so a sender negotiates the same syntax
-    with it as with ``p2pacs serve``: what it holds is exactly what went over the wire.
+
+class WireSCP:
+    """A bare pynetdicom Storage SCP in this process that keeps each received dataset's bytes:
+    the reference for what a sender put on the wire.
+
+    It offers the transfer syntaxes in the gateway's order; pynetdicom as acceptor takes the
+    first of its own list that the requestor proposed, unless ``requestor_order`` makes it take
+    the requestor's first choice instead. A sender negotiates one of the two with any pynetdicom
+    SCP, so between them the two runs record the bytes the gateway was sent, whichever it chose.
     """
 
-    def __init__(self, aet: str = "WIRE"):
+    def __init__(self, aet: str = "WIRE", *, requestor_order: bool = False):
         self.aet = aet
+        self.requestor_order = requestor_order
         self.received: dict[str, tuple[str, bytes]] = {}  # SOP Instance UID -> (syntax, bytes)
         self.port = 0
         self._server: Any = None
@@ -360,9 +382,10 @@ class WireSCP:
             self.received[uid] = (ts, bytes(event.encoded_dataset(include_meta=False)))
             return 0x0000
 
-        self._server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-        )
+        handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
+        if self.requestor_order:
+            handlers.append((evt.EVT_REQUESTED, prefer_requested_syntaxes))
+        self._server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
         return self
 

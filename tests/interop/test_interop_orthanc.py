@@ -47,7 +47,9 @@ def test_orthanc_store_query_move(tmp_path: Path, generated_dir: Path) -> None:
     ):
         ids = {first.upload(p.read_bytes())["ParentStudy"] for p in files}
         assert len(ids) == 1
-        first.post("/modalities/p2pacs/store", {"Resources": list(ids), "Synchronous": True})
+        sent = first.post("/modalities/p2pacs/store", {"Resources": list(ids), "Synchronous": True})
+        assert sent["InstancesCount"] == len(files), sent
+        assert sent["FailedInstancesCount"] == 0, sent
 
         query = first.post(
             "/modalities/p2pacs/query",
