@@ -46,10 +46,12 @@ def local_commitment(archive: Archive) -> CommitFn:
         result = CommitmentResult()
         for sop_class, sop in refs:
             rec = archive.index.instance(sop)
-            if rec is not None and rec.sop_class_uid == sop_class:
-                result.committed.append((sop_class, sop))
-            else:
+            if rec is None:
                 result.failed.append((sop_class, sop, status.NO_SUCH_SOP_INSTANCE))
+            elif rec.sop_class_uid != sop_class:
+                result.failed.append((sop_class, sop, status.CLASS_INSTANCE_CONFLICT))
+            else:
+                result.committed.append((sop_class, sop))
         return result
 
     return check
@@ -64,7 +66,7 @@ class CommitmentHandler:
 
     def __call__(self, event: evt.Event) -> tuple[int, Dataset | None]:
         if event.action_type != 1:
-            return 0x0123, None  # no such action type
+            return status.NO_SUCH_ACTION_TYPE, None
         info = event.action_information
         try:
             transaction = str(info.TransactionUID)
@@ -74,7 +76,7 @@ class CommitmentHandler:
             ]
         except (AttributeError, TypeError, ValueError) as exc:
             log.warning("malformed storage commitment request: %s", exc)
-            return 0x0110, None
+            return status.PROCESSING_FAILURE, None
         requestor = event.assoc.requestor.ae_title.strip()
         threading.Thread(
             target=self._report,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,9 @@ from p2pacs.index import DicomIndex
 __all__ = ["FindHandler", "Query", "parse_identifier"]
 
 log = logging.getLogger(__name__)
+
+MAX_QUEUED = 4  # C-FIND responses queued for pynetdicom's DUL thread before we wait
+SENDER_WAIT = 60.0  # seconds to wait for the DUL to take a response (then carry on)
 
 Query = dict[str, str | list[str] | None]
 _SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
@@ -45,20 +49,66 @@ def parse_identifier(identifier: Dataset) -> tuple[Level, Query]:
     return level, query
 
 
+def _is_ascii(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_is_ascii(v) for v in value)
+    return str(value).isascii()
+
+
+_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "US or SS"})
+_FLOAT_VRS = frozenset({"FL", "FD"})
+
+
+def _typed(vr: str, value: Any) -> Any:
+    """An index value (DICOM strings) as pydicom wants it for ``vr``: binary numbers (Rows,
+    BitsAllocated...) as int/float, else unchanged; an unreadable number is sent empty."""
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if vr not in _INT_VRS and vr not in _FLOAT_VRS:
+        return values if isinstance(value, list | tuple) else value
+    convert = int if vr in _INT_VRS else float
+    try:
+        out = [convert(str(v).strip()) for v in values if str(v).strip()]
+    except ValueError:
+        return None
+    if not out:
+        return None
+    return out if len(out) > 1 else out[0]
+
+
 def _response(level: Level, query: Query, record: dict[str, Any]) -> Dataset:
     ds = Dataset()
+    if not all(_is_ascii(record.get(k, "")) for k in query):
+        # the index keeps decoded text: send it as UTF-8 and say so (PS3.4 C.4.1.1.3.1);
+        # without it pydicom would fall back to Latin-1 bytes under the default repertoire
+        ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = level.value
     for keyword in query:
         value = record.get(keyword, "")
         try:
-            dictionary_VR(keyword)
+            vr = dictionary_VR(keyword)
         except KeyError:
             continue
-        setattr(ds, keyword, list(value) if isinstance(value, list) else value)
+        setattr(ds, keyword, _typed(vr, value))
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
         if keyword in record and keyword not in ds and keyword in query:
             setattr(ds, keyword, record[keyword])
     return ds
+
+
+def _wait_for_sender(event: evt.Event) -> None:
+    """Keep at most MAX_QUEUED responses waiting for pynetdicom's DUL thread.
+
+    pynetdicom queues every response without limit, and its DUL thread only reads the socket
+    when it has nothing left to send: a query with many matches would sit in memory in full,
+    and a C-CANCEL behind it would be read only after the last match was sent. Waiting here
+    bounds the queue and lets the DUL read the C-CANCEL between responses.
+    """
+    queue = getattr(getattr(event.assoc, "dul", None), "to_provider_queue", None)
+    if queue is None:
+        return
+    deadline = time.monotonic() + SENDER_WAIT
+    while queue.qsize() > MAX_QUEUED and event.assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
 class FindHandler:
@@ -74,6 +124,7 @@ class FindHandler:
             return
         try:
             for record in self.index.find(level, query):
+                _wait_for_sender(event)
                 if event.is_cancelled:
                     yield status.CANCEL, None
                     return

@@ -95,6 +95,9 @@ class RetrieveHandlers:
             records = self._matches(event.identifier)
         except Exception as exc:
             log.warning("C-GET refused: %s", exc)
+            # pynetdicom wants the sub-operation count first; a failure status yielded right
+            # after it ends the C-GET with that status (0 would mean "success, nothing matched")
+            yield 1
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
         yield len(records)
@@ -116,7 +119,18 @@ class RetrieveHandlers:
             records = self._matches(event.identifier)
         except Exception as exc:
             log.warning("C-MOVE refused: %s", exc)
-            yield host, port, {"contexts": [], "evt_handlers": nodelay_handlers()}
+            # pynetdicom takes the destination, then the sub-operation count, then statuses, and
+            # opens the association to the destination before reading the first status: give it
+            # Verification only, so the failure status reaches the requestor as 0xA900
+            yield (
+                host,
+                port,
+                {
+                    "contexts": [build_context(VERIFICATION)],
+                    "evt_handlers": nodelay_handlers(),
+                },
+            )
+            yield 1
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
         # one context per (SOP class, transfer syntax): the destination accepts one syntax per

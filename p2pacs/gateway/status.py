@@ -15,4 +15,6 @@ MALFORMED_DATASET = 0xC210  # C-STORE: required attributes missing or unreadable
 STORE_FAILED = 0xC211  # C-STORE: the archive could not store it (see the log)
 UNABLE_TO_PROCESS = 0xC001  # C-FIND/MOVE/GET
 PROCESSING_FAILURE = 0x0110  # N-ACTION
-NO_SUCH_SOP_INSTANCE = 0x0112
+NO_SUCH_SOP_INSTANCE = 0x0112  # storage commitment FailureReason: never received here
+CLASS_INSTANCE_CONFLICT = 0x0119  # storage commitment FailureReason: held under another class
+NO_SUCH_ACTION_TYPE = 0x0123  # N-ACTION
