@@ -1,9 +1,10 @@
 """C-MOVE and C-GET: send stored instances back, exactly as they were received.
 
-Each instance is handed to pynetdicom as a dataset read from its stored Part-10 bytes without
-touching the pixel data; undecoded elements are written back byte for byte in the transfer
-syntax they were stored in. A destination that did not accept that transfer syntax gets a
-counted sub-operation failure, never a transcoded or corrupt file.
+Each instance goes out as its stored bytes (``rawsend.StoredInstance``) whenever the destination
+accepted the transfer syntax it was stored in. Where it accepted only another uncompressed
+syntax, pynetdicom converts losslessly (implicit/explicit VR, byte order, deflate); a compressed
+instance is never decompressed or re-compressed: without its own syntax it is a counted
+sub-operation failure, never a transcoded or corrupt file.
 """
 
 from __future__ import annotations
