@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from p2pacs.errors import P2PacsError, RecoveryError
+from p2pacs.transfer.server import PEER_SITE_ID
 
 if TYPE_CHECKING:
     from p2pacs.node import SiteNode
@@ -30,7 +31,7 @@ MAX_NOTIFY_STUDIES = 10_000  # per request; a peer cannot queue unbounded work i
 
 
 def _peer(request: web.Request) -> bytes | None:
-    peer = request.get("peer_site_id")
+    peer = request.get(PEER_SITE_ID)
     return bytes(peer) if peer is not None else None
 
 

@@ -21,9 +21,11 @@ from p2pacs.errors import BlobNotFoundError, CorruptBlobError, MembershipError, 
 from p2pacs.store import BlobStore
 from p2pacs.transfer.tls import peer_site_id, server_context
 
-__all__ = ["TransferServer"]
+__all__ = ["PEER_SITE_ID", "TransferServer"]
 
 log = logging.getLogger(__name__)
+
+PEER_SITE_ID = web.RequestKey("peer_site_id", bytes)  # the verified site_id of the TLS client
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -111,7 +113,7 @@ class TransferServer:
         """The TLS handshake already required a CA-issued certificate; record who it is."""
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         try:
-            request["peer_site_id"] = peer_site_id(ssl_object, self.federation)
+            request[PEER_SITE_ID] = peer_site_id(ssl_object, self.federation)
         except MembershipError as exc:
             raise web.HTTPForbidden(text=str(exc)) from None
         return await handler(request)
