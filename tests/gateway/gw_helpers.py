@@ -123,6 +123,22 @@ def move(gw: Gateway, model: str, destination: str, **keys: Any) -> list[Dataset
     return out
 
 
+def move_into(
+    gw: Gateway,
+    model: str,
+    aet: str,
+    contexts: Mapping[str, Iterable[str]],
+    **keys: Any,
+) -> tuple[list[Dataset], StorageSCP]:
+    """C-MOVE to a fresh storage SCP registered as ``aet`` for the duration of the move."""
+    with StorageSCP(aet, contexts) as dest:
+        gw.config.destinations[aet] = dest.address
+        try:
+            return move(gw, model, aet, **keys), dest
+        finally:
+            del gw.config.destinations[aet]
+
+
 def decode(transfer_syntax: str, data: bytes) -> Dataset:
     """A dataset's elements from its encoded bytes (inflated first when deflated)."""
     ts = UID(transfer_syntax)

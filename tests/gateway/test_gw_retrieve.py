@@ -37,6 +37,7 @@ from gw_helpers import (
     header,
     identifier,
     move,
+    move_into,
     running_gateway,
     same_elements,
     suboperations,
@@ -91,18 +92,14 @@ def test_get_every_study_byte_identical(loaded: Loaded) -> None:
 
 def test_move_all_studies_byte_identical_with_counts(loaded: Loaded) -> None:
     studies = sorted(loaded.studies())
-    with StorageSCP("DEST", contexts_of(loaded.files)) as dest:
-        loaded.gateway.config.destinations["DEST"] = dest.address
-        try:
-            rsps = move(
-                loaded.gateway,
-                STUDY_ROOT_MOVE,
-                "DEST",
-                QueryRetrieveLevel="STUDY",
-                StudyInstanceUID=studies,
-            )
-        finally:
-            del loaded.gateway.config.destinations["DEST"]
+    rsps, dest = move_into(
+        loaded.gateway,
+        STUDY_ROOT_MOVE,
+        "DEST",
+        contexts_of(loaded.files),
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=studies,
+    )
     final = rsps[-1]
     n = len(loaded.expected)
     assert int(final.Status) == 0x0000
@@ -121,20 +118,16 @@ def test_patient_root_move_of_one_series(loaded: Loaded) -> None:
     rle = next(s for s, ts in loaded.expected_ts.items() if ts == "1.2.840.10008.1.2.5")
     series = {s for s, uid in loaded.series_of.items() if uid == loaded.series_of[rle]}
     assert loaded.patient_of[rle]
-    with StorageSCP("DEST", contexts_of(loaded.files)) as dest:
-        loaded.gateway.config.destinations["DEST"] = dest.address
-        try:
-            rsps = move(
-                loaded.gateway,
-                PATIENT_ROOT_MOVE,
-                "DEST",
-                QueryRetrieveLevel="SERIES",
-                PatientID=loaded.patient_of[rle],
-                StudyInstanceUID=loaded.study_of[rle],
-                SeriesInstanceUID=loaded.series_of[rle],
-            )
-        finally:
-            del loaded.gateway.config.destinations["DEST"]
+    rsps, dest = move_into(
+        loaded.gateway,
+        PATIENT_ROOT_MOVE,
+        "DEST",
+        contexts_of(loaded.files),
+        QueryRetrieveLevel="SERIES",
+        PatientID=loaded.patient_of[rle],
+        StudyInstanceUID=loaded.study_of[rle],
+        SeriesInstanceUID=loaded.series_of[rle],
+    )
     assert int(rsps[-1].Status) == 0x0000
     assert suboperations(rsps[-1]) == (len(series), 0, 0)
     assert {s: d for s, (_, d) in dest.received.items()} == {s: loaded.expected[s] for s in series}
@@ -185,18 +178,14 @@ def test_move_to_uncompressed_only_destination_counts_failures(loaded: Loaded) -
         if ts in UNCOMPRESSED:
             accepted.setdefault(loaded.class_of[sop], set()).add(ts)
         accepted.setdefault(loaded.class_of[sop], set())
-    with StorageSCP("PLAIN", plain) as dest:
-        loaded.gateway.config.destinations["PLAIN"] = dest.address
-        try:
-            rsps = move(
-                loaded.gateway,
-                STUDY_ROOT_MOVE,
-                "PLAIN",
-                QueryRetrieveLevel="STUDY",
-                StudyInstanceUID=sorted(loaded.studies()),
-            )
-        finally:
-            del loaded.gateway.config.destinations["PLAIN"]
+    rsps, dest = move_into(
+        loaded.gateway,
+        STUDY_ROOT_MOVE,
+        "PLAIN",
+        plain,
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID=sorted(loaded.studies()),
+    )
     _check_uncompressed_only(loaded, set(loaded.expected), accepted, rsps[-1], dest.received)
 
 
@@ -277,18 +266,14 @@ def test_duplicate_uid_newest_received_wins(gw_archive: Archive) -> None:
 def test_retrieve_without_unique_key_is_refused(loaded: Loaded) -> None:
     """A retrieve must name what it retrieves; a bad identifier gets 0xA900, nothing is sent."""
     empty = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="")
-    with StorageSCP("DEST", contexts_of(loaded.files)) as dest:
-        loaded.gateway.config.destinations["DEST"] = dest.address
-        try:
-            rsps = move(
-                loaded.gateway,
-                STUDY_ROOT_MOVE,
-                "DEST",
-                QueryRetrieveLevel="STUDY",
-                StudyInstanceUID="",
-            )
-        finally:
-            del loaded.gateway.config.destinations["DEST"]
+    rsps, dest = move_into(
+        loaded.gateway,
+        STUDY_ROOT_MOVE,
+        "DEST",
+        contexts_of(loaded.files),
+        QueryRetrieveLevel="STUDY",
+        StudyInstanceUID="",
+    )
     assert [int(r.Status) for r in rsps] == [0xA900]
     assert dest.received == {}
     assoc = associate(loaded.gateway, STUDY_ROOT_GET)
