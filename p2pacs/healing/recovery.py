@@ -167,11 +167,9 @@ class Recovery:
             await self._wake.wait()
 
     async def drain(self) -> RecoveryProgress:
-        queue = sorted(
-            self.node.publisher.pending.values(),
-            key=lambda e: (e.study_date, e.updated),
-            reverse=True,
-        )
+        queue = Catalogue.of(
+            self.node.site_hex, self.node.publisher.pending.values()
+        ).newest_first()
         p = self.progress = RecoveryProgress(
             studies_total=len(queue), bytes_total=sum(e.bytes for e in queue)
         )
