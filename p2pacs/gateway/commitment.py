@@ -18,7 +18,7 @@ from pynetdicom import AE, build_role, evt
 
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig, parse_hostport
-from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.dicom.scu import association_handlers
 from p2pacs.dicom.uids import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from p2pacs.errors import ConfigError
 from p2pacs.gateway import status
@@ -122,7 +122,7 @@ class CommitmentHandler:
             port,
             ae_title=requestor,
             ext_neg=[cast(Any, build_role(STORAGE_COMMITMENT_PUSH, scp_role=True))],
-            evt_handlers=nodelay_handlers(),
+            evt_handlers=association_handlers(),
         )
         if not assoc.is_established:
             log.error("cannot reach %s at %s to report storage commitment", requestor, address)

@@ -19,7 +19,7 @@ from pynetdicom import build_context, evt
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig, parse_hostport
 from p2pacs.dicom import Level
-from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.dicom.scu import association_handlers
 from p2pacs.dicom.uids import VERIFICATION
 from p2pacs.errors import ConfigError, P2PacsError
 from p2pacs.gateway import status
@@ -128,7 +128,7 @@ class RetrieveHandlers:
                 port,
                 {
                     "contexts": [build_context(VERIFICATION)],
-                    "evt_handlers": nodelay_handlers(),
+                    "evt_handlers": association_handlers(),
                 },
             )
             yield 1
@@ -146,7 +146,7 @@ class RetrieveHandlers:
             port,
             {
                 "contexts": contexts,
-                "evt_handlers": nodelay_handlers(),
+                "evt_handlers": association_handlers(),
                 "max_pdu": self.config.max_pdu,
             },
         )

@@ -19,7 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
 from p2pacs.dicom import uids
-from p2pacs.dicom.scu import nodelay_handlers
+from p2pacs.dicom.scu import association_handlers
 from p2pacs.errors import ConfigError
 from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
 from p2pacs.gateway.find import FindHandler
@@ -107,7 +107,7 @@ class Gateway:
         self.retrieve = RetrieveHandlers(archive, config, ensure_local)
         self.commitment = CommitmentHandler(config, commitment or local_commitment(archive))
         self.handlers: list[Any] = [
-            *nodelay_handlers(),
+            *association_handlers(),
             (evt.EVT_REQUESTED, _log_association),
             (evt.EVT_REQUESTED, _prefer_requested_compression),
             (evt.EVT_C_STORE, StoreHandler(archive)),

@@ -26,7 +26,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
 from p2pacs.dicom import split_part10
-from p2pacs.dicom.scu import nodelay_handlers, read_context, store_files
+from p2pacs.dicom.scu import association_handlers, read_context, store_files
 from p2pacs.gateway import Gateway
 
 AET = "P2PACS"
@@ -81,7 +81,7 @@ def associate(
         port,
         ae_title=AET,
         ext_neg=ext_neg,
-        evt_handlers=[*nodelay_handlers(), *(handlers or [])],
+        evt_handlers=[*association_handlers(), *(handlers or [])],
         max_pdu=0,
     )
 
@@ -200,7 +200,7 @@ class StorageSCP:
         self.server = ae.start_server(
             ("127.0.0.1", 0),
             block=False,
-            evt_handlers=[*nodelay_handlers(), (evt.EVT_C_STORE, self._on_store)],
+            evt_handlers=[*association_handlers(), (evt.EVT_C_STORE, self._on_store)],
         )
 
     def _on_store(self, event: evt.Event) -> int:

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 
 from p2pacs.archive import Archive
-from p2pacs.dicom.scu import get_study, nodelay_handlers, read_context, store_files
+from p2pacs.dicom.scu import association_handlers, get_study, read_context, store_files
 from p2pacs.dicom.uids import (
     PATIENT_ROOT_MOVE,
     STORAGE_COMMITMENT_INSTANCE,
@@ -123,7 +123,7 @@ class Requester:
         self.server = ae.start_server(
             ("127.0.0.1", 0),
             block=False,
-            evt_handlers=[*nodelay_handlers(), (evt.EVT_N_EVENT_REPORT, self._on_report)],
+            evt_handlers=[*association_handlers(), (evt.EVT_N_EVENT_REPORT, self._on_report)],
         )
 
     def _on_report(self, event: evt.Event) -> tuple[int, None]:
