@@ -22,6 +22,8 @@ BURST_PER_PEER = 400.0  # token-bucket depth per address
 RATE_TABLE_MAX = 8192  # addresses tracked by the rate limiter (LRU beyond that)
 
 RPC_TIMEOUT = 1.0  # seconds per RPC; a dead peer costs at most this (kademlia waits 5 s)
+SILENT_FOR = 30.0  # seconds a contact that timed out is not asked again (unless it speaks first)
+SILENT_MAX = 4096  # silent addresses remembered; bounded
 REPUBLISH_INTERVAL = 3600.0  # seconds between republish rounds of our own records
 DEFAULT_TTL = 48 * 3600.0  # seconds; libp2p provider-record lifetime
 HELLO_CONCURRENCY = 32  # parallel identity checks of new contacts

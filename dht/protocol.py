@@ -24,7 +24,15 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
-from dht.const import HELLO_CONCURRENCY, ID_SIZE, LOG_EVERY, MAX_RESPONSE_RECORDS_BYTES, K
+from dht.const import (
+    HELLO_CONCURRENCY,
+    ID_SIZE,
+    LOG_EVERY,
+    MAX_RESPONSE_RECORDS_BYTES,
+    SILENT_FOR,
+    SILENT_MAX,
+    K,
+)
 from dht.errors import DhtError, LocalProtocolError, RecordError
 from dht.lookup import Answer
 from dht.membership import Federation, Identity
@@ -153,6 +161,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         self._buckets = TokenBuckets(rate=rate[0], burst=rate[1])
         self._pending: dict[bytes, tuple[asyncio.Future[Any], Addr]] = {}
         self._hello_pending: set[Addr] = set()
+        self._silent: dict[Addr, float] = {}  # address -> monotonic time its RPC timed out
         self._ping_pending: set[bytes] = set()
         self._hello_slots = asyncio.Semaphore(HELLO_CONCURRENCY)
         self.proven: dict[bytes, Addr] = {}  # site_id -> address it proved itself from
@@ -181,6 +190,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
             self._replay.check(frame.tag, now)
             self._buckets.check(addr, now)
             obj = parse_payload(frame.payload)
+            self._silent.pop(addr, None)  # it speaks again: ask it again
             if frame.kind == KIND_REQUEST:
                 self._accept_request(frame.msg_id, obj, addr)
             else:
@@ -255,9 +265,21 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
             self._pending.pop(msg_id, None)
 
     async def _call_node(self, node: Node, method: str, args: list[Any]) -> Any:
-        """An RPC to a contact; a silent contact leaves the routing table (paper section 2.2)."""
-        answer = await self._call((node.ip, node.port), method, args)
+        """An RPC to a contact; a silent contact leaves the routing table (paper section 2.2).
+
+        Other nodes keep handing out a dead contact until they too notice; without a memory of
+        silence, every lookup in a small federation would wait one RPC timeout for it."""
+        addr = (node.ip, node.port)
+        silent_since = self._silent.get(addr)
+        if silent_since is not None and time.monotonic() - silent_since < SILENT_FOR:
+            self.stats["rpc_skipped_silent"] += 1
+            self.router.remove_contact(node)
+            return None
+        answer = await self._call(addr, method, args)
         if answer is None:
+            if len(self._silent) >= SILENT_MAX:
+                self._silent.pop(next(iter(self._silent)))
+            self._silent[addr] = time.monotonic()
             self.router.remove_contact(node)
         else:
             self._consider(node)

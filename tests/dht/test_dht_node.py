@@ -130,3 +130,33 @@ async def test_publisher_republishes_before_expiry(ca: FederationCA) -> None:
         assert latest.seq > first.seq
         assert latest.expires_at >= first.expires_at + 1.0
         assert nodes[0].stats["republished"] >= 1
+
+
+async def test_a_dead_contact_costs_one_timeout_not_one_per_lookup(ca: FederationCA) -> None:
+    ids = [make_identity(ca, f"q{i}") for i in range(3)]
+    nodes: list[DhtNode] = []
+    try:
+        for ident in ids:
+            nodes.append(
+                await DhtNode.start(
+                    ident, ca.federation, bootstrap=[n.address for n in nodes], rpc_timeout=0.3
+                )
+            )
+        a, dead = nodes[0], nodes[2]
+        assert await a.put("study", "x", b"v", 600) == 3
+        port = dead.address[1]
+        await dead.stop()
+        assert [e.value for e in await a.get("study", "x")] == [b"v"]
+        timeouts = a.stats.get("rpc_timeouts", 0)
+        assert timeouts >= 1  # found out once...
+        for _ in range(5):  # ...while b, which asks nobody, keeps handing the dead contact out
+            assert [e.value for e in await a.get("study", "x")] == [b"v"]
+        assert a.stats.get("rpc_timeouts", 0) == timeouts
+        assert a.stats.get("rpc_skipped_silent", 0) >= 1
+        # back on its old port, it speaks first (bootstrap): it is asked again at once
+        nodes[2] = await DhtNode.start(
+            ids[2], ca.federation, port=port, bootstrap=[a.address], rpc_timeout=0.3
+        )
+        assert await a.put("study", "y", b"w", 600) == 3
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
