@@ -80,13 +80,15 @@ class Archive:
         *,
         source_ae: str = "",
         received: float | None = None,
+        hashed: str | None = None,
     ) -> Future[Ingested]:
         """Parse the header and hash here (the caller's thread), then queue the durable write.
 
+        ``hashed``: the dataset's hash, already verified by the caller (a fetched instance).
         Raises ``InvalidDicomError`` at once for bytes that are not an archivable dataset.
         """
         attrs = extract_attributes(dataset, transfer_syntax)
-        h = hash_bytes(dataset)
+        h = hash_bytes(dataset) if hashed is None else hashed
         sop_class = str(attrs["SOPClassUID"])
         if prefix is None:
             prefix = build_prefix(

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,7 +34,7 @@ from p2pacs.federation.manifest import Manifest, ManifestEntry
 from p2pacs.federation.members import Member, MemberTable
 from p2pacs.federation.publisher import Publisher
 from p2pacs.site import Site
-from p2pacs.transfer.client import Peer, PeerClient
+from p2pacs.transfer.client import Peer, PeerClient, StoreFn
 from p2pacs.transfer.server import TransferServer
 
 __all__ = ["FederationNode", "Holder", "StudyFetch"]
@@ -390,6 +392,7 @@ class FederationNode:
                 [(h, sizes[h], live) for h in missing],
                 self.archive.blobs,
                 progress=(lambda done, _total: progress(done)) if progress else None,
+                store=self._store_and_index(todo),
             )
             result.blobs += report.fetched
             result.bytes += report.bytes
@@ -398,7 +401,8 @@ class FederationNode:
             if e.hash in result.failed:
                 continue
             try:
-                await asyncio.to_thread(self._index_fetched, e)
+                if not self._indexed(e):
+                    await asyncio.to_thread(self._index_fetched, e)
                 result.instances += 1
             except P2PacsError as exc:
                 result.failed[e.hash] = str(exc)
@@ -408,6 +412,25 @@ class FederationNode:
             for listener in self.on_fetched:
                 listener(study_uid)
         return result
+
+    def _store_and_index(self, todo: list[ManifestEntry]) -> StoreFn:
+        """Write a fetched instance and its index entry in one transaction, as it arrives.
+
+        Only for instances with one version to fetch: versions of one instance must be indexed
+        oldest first (the newest received is current), which the ordered pass after the fetch
+        does; it also indexes whatever arrived another way (streamed, fetched one by one)."""
+        versions = Counter(e.sop_uid for e in todo)
+        single = {e.hash: e for e in todo if versions[e.sop_uid] == 1}
+
+        def store(h: str, data: bytes) -> Future[Any]:
+            e = single.get(h)
+            if e is None:
+                return self.archive.blobs.submit(data, hashed=h)
+            return self.archive.submit(
+                data, e.transfer_syntax, e.prefix, received=e.received, hashed=h
+            )
+
+        return store
 
     def _indexed(self, e: ManifestEntry) -> bool:
         rec = self.archive.index.instance(e.sop_uid)

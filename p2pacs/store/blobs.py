@@ -87,12 +87,21 @@ class BlobStore:
         txn.put(digest, _ENTRY.pack(size, self.chunk_size), db=self._blobs)
         return True
 
-    def put(self, data: bytes | memoryview) -> str:
-        """Store ``data`` durably and return its hash; identical content is stored once."""
-        h = hash_bytes(data)
+    def put(self, data: bytes | memoryview, *, hashed: str | None = None) -> str:
+        """Store ``data`` durably and return its hash; identical content is stored once.
+
+        ``hashed``: the caller has just checked that ``hash_bytes(data)`` is this (a fetched
+        blob verified on arrival), so the bytes are not hashed a second time."""
+        h = hash_bytes(data) if hashed is None else hashed
         if not self.has(h):
             self._db.write(lambda txn: self.write_in(txn, h, data), weight=len(data))
         return h
+
+    def submit(self, data: bytes | memoryview, *, hashed: str) -> Future[bool]:
+        """Queue a blob whose hash the caller has verified, without waiting: the future
+        resolves (False if it was already stored) once the write is durable. Lets an event
+        loop stream many blobs into the store with no thread parked per blob."""
+        return self._db.submit(lambda txn: self.write_in(txn, hashed, data), weight=len(data))
 
     async def aput(self, data: bytes | memoryview) -> str:
         """``put`` for asyncio code: hashing and the durable wait run off the event loop."""
@@ -217,6 +226,16 @@ class BlobStore:
             return False
         with self._db.read() as txn:
             return txn.get(digest, db=self._blobs) is not None
+
+    def sizes(self, hashes: Iterable[str]) -> dict[str, int]:
+        """Size of each of ``hashes`` stored here (absent ones left out), one read transaction."""
+        out = {}
+        with self._db.read() as txn:
+            for h in hashes:
+                raw = txn.get(_digest(h), db=self._blobs)
+                if raw is not None:
+                    out[h] = _ENTRY.unpack(raw)[0]
+        return out
 
     def missing(self, hashes: Iterable[str]) -> list[str]:
         """The hashes of ``hashes`` not stored here, in order (one read transaction)."""

@@ -3,7 +3,9 @@
 A blob is accepted only if its BLAKE3 matches the hash it was asked by; a holder that serves
 wrong bytes, cuts the stream or is unreachable is skipped (and counted) and the next holder is
 tried. Large blobs held by several sites are fetched as byte ranges from all of them at once,
-assembled in order into the store's streaming writer, and verified as a whole.
+assembled in order into the store's streaming writer, and verified as a whole. Many small blobs
+(a study's instances) are fetched in batches, one request and one response stream per batch;
+whatever a batch does not deliver intact is fetched again blob by blob from the other holders.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -22,8 +25,15 @@ from typing import Any
 import aiohttp
 
 from dht.membership import Federation, Identity
-from p2pacs.errors import IntegrityError, MembershipError, PeerUnavailableError, TransferError
+from p2pacs.errors import (
+    IntegrityError,
+    MembershipError,
+    P2PacsError,
+    PeerUnavailableError,
+    TransferError,
+)
 from p2pacs.store import BlobStore, hash_bytes
+from p2pacs.transfer.server import BATCH_FRAME, MAX_BATCH
 from p2pacs.transfer.tls import client_context, member_site_id
 
 __all__ = ["FetchReport", "Peer", "PeerClient"]
@@ -34,6 +44,12 @@ SMALL_BLOB = 8 << 20  # bytes: fetched whole into memory and verified before sto
 PUT_THREADS = 32  # threads that wait for durable writes; each blocks until its group commit
 RANGE_SIZE = 4 << 20  # bytes per range when a large blob is split across holders
 STREAM_QUEUE = 8  # pieces buffered between the network and the store's writer (bounded memory)
+BATCH_BYTES = 64 << 20  # bytes asked for in one batch request
+BATCH_STREAMS = 4  # batch requests in flight at once (over all peers)
+BATCH_WINDOW = 16 << 20  # bytes of one batch received but not yet stored (bounded memory)
+
+Holders = Sequence["Peer"]
+StoreFn = Callable[[str, bytes], "Future[Any]"]  # (hash, verified bytes) -> durable write
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,13 @@ class _MemberResponse(aiohttp.ClientResponse):
         if ssl_object is not None:
             self.peer_cert = ssl_object.getpeercert(binary_form=True)
         return await super().start(connection)
+
+
+def _store_verified(blobs: BlobStore, h: str, data: bytes, source: str) -> None:
+    """Hash once, on a worker thread: store ``data`` only if it is blob ``h``."""
+    if hash_bytes(data) != h:
+        raise IntegrityError(f"{source} served bytes that do not match {h[:16]}")
+    blobs.put(data, hashed=h)
 
 
 class PeerClient:
@@ -196,30 +219,32 @@ class PeerClient:
             try:
                 if size is None or size <= SMALL_BLOB:
                     data = b"".join([p async for p in self.fetch_blob(peer, h)])
-                    if hash_bytes(data) != h:
-                        raise IntegrityError(f"{peer.name} served bytes that do not match {h[:16]}")
                     await asyncio.get_running_loop().run_in_executor(
-                        self._put_pool, blobs.put, data
+                        self._put_pool, _store_verified, blobs, h, data, peer.name
                     )
                     if progress is not None:
                         progress(len(data))
                 else:
                     await self._stream_into(self.fetch_blob(peer, h), h, blobs, progress)
                 return peer
-            except IntegrityError as exc:
-                self.bad_peers[peer.name] = self.bad_peers.get(peer.name, 0) + 1
-                log.warning("%s; trying another holder", exc)
-                errors.append(str(exc))
-            except (PeerUnavailableError, TransferError, MembershipError) as exc:
-                if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                    self._unreachable[peer.url] = time.monotonic()
-                log.info("%s; trying another holder", exc)
+            except (IntegrityError, PeerUnavailableError, TransferError, MembershipError) as exc:
+                self._failed(peer, exc)
                 errors.append(str(exc))
         if any("do not match" in e or "hash to" in e for e in errors):
             raise IntegrityError(f"no holder served blob {h[:16]} intact: {'; '.join(errors)}")
         raise PeerUnavailableError(
             f"blob {h[:16]} unavailable: {'; '.join(errors) or 'no holders'}"
         )
+
+    def _failed(self, peer: Peer, exc: Exception) -> None:
+        """Note what a holder did wrong, so later fetches count it or try it last."""
+        if isinstance(exc, IntegrityError):
+            self.bad_peers[peer.name] = self.bad_peers.get(peer.name, 0) + 1
+            log.warning("%s; trying another holder", exc)
+            return
+        if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
+            self._unreachable[peer.url] = time.monotonic()
+        log.info("%s; trying another holder", exc)
 
     async def _stream_into(
         self,
@@ -324,17 +349,23 @@ class PeerClient:
 
     async def fetch_many(
         self,
-        items: Sequence[tuple[str, int | None, Sequence[Peer]]],
+        items: Sequence[tuple[str, int | None, Holders]],
         blobs: BlobStore,
         *,
         parallel: int = 16,
         progress: Callable[[int, int], None] | None = None,
+        store: StoreFn | None = None,
     ) -> FetchReport:
-        """Fetch many blobs, ``parallel`` at a time; ``progress(bytes_done, bytes_total)``."""
+        """Fetch many blobs; ``progress(bytes_done, bytes_total)``.
+
+        Small blobs of known size go in batches to their first (rotated) holder; the rest, and
+        whatever a batch failed to deliver, are fetched one by one, ``parallel`` at a time.
+        ``store(hash, verified bytes)`` queues a batched blob's durable write (default: as a
+        bare blob in ``blobs``); a caller can index an instance in the same transaction."""
         report = FetchReport()
         total = sum(size or 0 for _, size, _ in items)
         done = 0
-        sem = asyncio.Semaphore(parallel)
+        missing = set(blobs.missing(h for h, _, _ in items))
 
         def advance(n: int) -> None:
             nonlocal done
@@ -342,16 +373,146 @@ class PeerClient:
             if progress is not None:
                 progress(done, total)
 
-        async def one(i: int, h: str, size: int | None, holders: Sequence[Peer]) -> None:
+        def fetched(size: int | None) -> None:
+            report.fetched += 1
+            report.bytes += size or 0
+
+        batches: dict[Peer, list[tuple[str, int, list[Peer]]]] = {}
+        singles: list[tuple[str, int | None, list[Peer]]] = []
+        for i, (h, size, holders) in enumerate(items):
+            if h not in missing:
+                continue
+            missing.discard(h)  # a hash listed twice is fetched once
+            order = self._spread(holders, i)
+            if size is not None and size <= SMALL_BLOB and order:
+                batches.setdefault(order[0], []).append((h, size, order))
+            else:
+                singles.append((h, size, order))
+
+        streams = asyncio.Semaphore(BATCH_STREAMS)
+
+        async def batch(peer: Peer, group: list[tuple[str, int, list[Peer]]]) -> None:
+            async with streams:
+                outcome = await self._fetch_batch(
+                    peer,
+                    [(h, n) for h, n, _ in group],
+                    store or (lambda h, data: blobs.submit(data, hashed=h)),
+                )
+            for h, size, order in group:
+                exc = outcome.get(h)
+                rest = [p for p in order if p != peer]
+                if exc is None:
+                    fetched(size)
+                    advance(size)
+                elif not isinstance(exc, IntegrityError):
+                    singles.append((h, size, [*rest, peer]))  # asked again, last
+                elif rest:
+                    singles.append((h, size, rest))  # a liar is not asked again
+                else:
+                    report.failed[h] = f"no holder served blob {h[:16]} intact: {exc}"
+
+        await asyncio.gather(
+            *(
+                batch(peer, part)
+                for peer, group in batches.items()
+                for part in _split(group, BATCH_BYTES)
+            )
+        )
+
+        sem = asyncio.Semaphore(parallel)
+
+        async def one(h: str, size: int | None, holders: list[Peer]) -> None:
             async with sem:
                 try:
-                    peer = await self.fetch_into(self._spread(holders, i), h, size, blobs, advance)
-                    if peer is not None:
-                        report.fetched += 1
-                        report.bytes += size or 0
+                    if await self.fetch_into(holders, h, size, blobs, advance) is not None:
+                        fetched(size)
                 except (IntegrityError, PeerUnavailableError, TransferError) as exc:
                     report.failed[h] = str(exc)
 
-        await asyncio.gather(*(one(i, h, s, hs) for i, (h, s, hs) in enumerate(items)))
+        await asyncio.gather(*(one(h, size, holders) for h, size, holders in singles))
         report.bad_peers = dict(self.bad_peers)
         return report
+
+    async def _fetch_batch(
+        self, peer: Peer, wanted: list[tuple[str, int]], store: StoreFn
+    ) -> dict[str, Exception | None]:
+        """Fetch blobs in one request; for each hash, None if it is now stored, else why not."""
+        outcome: dict[str, Exception | None] = {}
+        stores: deque[tuple[str, int, asyncio.Future[Any]]] = deque()
+        unsettled = 0  # bytes handed to the store whose write is not durable yet
+
+        async def settle(limit: int) -> None:
+            nonlocal unsettled
+            while stores and unsettled > limit:
+                h, size, fut = stores.popleft()
+                unsettled -= size
+                try:
+                    await fut
+                    outcome[h] = None
+                except Exception as exc:  # the store refused it (full disk...): tried again later
+                    outcome[h] = exc
+
+        try:
+            async with self.session.post(
+                f"{peer.url}/v1/blobs/batch", json=[h for h, _ in wanted]
+            ) as resp:
+                self._check_peer(resp, peer)
+                if resp.status != 200:
+                    raise TransferError(f"{peer.name} answered {resp.status} to a batch request")
+                for h, _ in wanted:
+                    digest, size = BATCH_FRAME.unpack(
+                        await resp.content.readexactly(BATCH_FRAME.size)
+                    )
+                    if digest.hex() != h:
+                        raise TransferError(f"{peer.name} answered a batch out of order")
+                    if size < 0:
+                        outcome[h] = PeerUnavailableError(f"{peer.name} does not hold {h[:16]}")
+                        continue
+                    if size > SMALL_BLOB:
+                        raise TransferError(f"{peer.name} sent a {size}-byte blob in a batch")
+                    data = await resp.content.readexactly(size)
+                    if hash_bytes(data) != h:
+                        exc = IntegrityError(f"{peer.name} served bytes that do not match {h[:16]}")
+                        self._failed(peer, exc)
+                        outcome[h] = exc
+                        continue
+                    try:
+                        queued = asyncio.wrap_future(store(h, data))
+                    except P2PacsError as exc:  # refused before queueing (not archivable...)
+                        outcome[h] = exc
+                        continue
+                    stores.append((h, size, queued))
+                    unsettled += size
+                    await settle(BATCH_WINDOW)
+        except (
+            aiohttp.ClientError,
+            asyncio.IncompleteReadError,
+            TimeoutError,
+            OSError,
+            TransferError,
+            MembershipError,
+        ) as exc:
+            cut = PeerUnavailableError(f"{peer.name} broke off a batch: {exc}")
+            cut.__cause__ = exc
+            self._failed(peer, cut)
+            for h, _ in wanted:
+                outcome.setdefault(h, cut)
+        finally:
+            await settle(-1)
+        return outcome
+
+
+def _split(
+    group: list[tuple[str, int, list[Peer]]], limit: int
+) -> Iterator[list[tuple[str, int, list[Peer]]]]:
+    """Cut one peer's blobs into batch requests of at most ``limit`` bytes and MAX_BATCH blobs."""
+    part: list[tuple[str, int, list[Peer]]] = []
+    size = 0
+    for item in group:
+        if part and (size + item[1] > limit or len(part) == MAX_BATCH):
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += item[1]
+    if part:
+        yield part

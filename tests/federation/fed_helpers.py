@@ -21,6 +21,7 @@ from dht.membership import Federation, FederationCA, Identity, issue_site_certif
 from p2pacs.store import BlobStore
 from p2pacs.store.db import SiteDB
 from p2pacs.transfer import Peer, TransferServer
+from p2pacs.transfer.server import BATCH_FRAME
 from p2pacs.transfer.tls import server_context
 
 __all__ = [
@@ -99,6 +100,7 @@ class LyingServer:
         self.served = 0
         self.app = web.Application()
         self.app.router.add_get("/v1/blobs/{hash}", self._blob)
+        self.app.router.add_post("/v1/blobs/batch", self._batch)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -113,6 +115,17 @@ class LyingServer:
             a, _, b = rng.removeprefix("bytes=").partition("-")
             start, end, status = int(a), int(b) + 1 if b else size, 206
         return web.Response(body=b"\x5a" * (end - start), status=status)
+
+    async def _batch(self, request: web.Request) -> web.StreamResponse:
+        """Right frames (digest, size), wrong bytes."""
+        body = b""
+        for h in await request.json():
+            size = self.sizes.get(h, -1)
+            body += BATCH_FRAME.pack(bytes.fromhex(h), size)
+            if size >= 0:
+                self.served += 1
+                body += b"\x5a" * size
+        return web.Response(body=body)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)

@@ -4,10 +4,11 @@ tampered holders, multi-holder fetches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -17,8 +18,9 @@ from dht.membership import FederationCA, create_federation
 from p2pacs.errors import PeerUnavailableError
 from p2pacs.store import BlobStore, hash_bytes
 from p2pacs.store.blobs import _chunk_key, _digest
-from p2pacs.transfer import Peer, PeerClient
+from p2pacs.transfer import Peer, PeerClient, TransferServer
 from p2pacs.transfer.client import SMALL_BLOB
+from p2pacs.transfer.server import BATCH_FRAME, MAX_BATCH
 
 from fed_helpers import (
     LyingServer,
@@ -32,6 +34,42 @@ from fed_helpers import (
 pytestmark = pytest.mark.timeout(60)
 
 BIG = 20 << 20  # bytes: above SMALL_BLOB, so fetch_into streams it into put_stream
+
+
+@contextlib.asynccontextmanager
+async def two_holders(
+    ca: FederationCA,
+    stores: tuple[BlobStore, BlobStore],
+    on_corrupt: Callable[[str], None] | None = None,
+) -> AsyncIterator[tuple[TransferServer, TransferServer, list[Peer], PeerClient]]:
+    """Members "a" (reporting its rot to ``on_corrupt``) and "b" serving ``stores``, their
+    peers in that order, and a client for member "fetcher"."""
+    ida, idb, client_id = (make_identity(ca, n) for n in ("a", "b", "fetcher"))
+    async with (
+        serving(stores[0], ida, ca.federation, on_corrupt=on_corrupt) as sa,
+        serving(stores[1], idb, ca.federation) as sb,
+        PeerClient(client_id, ca.federation) as client,
+    ):
+        yield sa, sb, [peer_of(sa, ida), peer_of(sb, idb)], client
+
+
+@contextlib.asynccontextmanager
+async def liar_and_honest(
+    ca: FederationCA, honest_store: BlobStore, lies: dict[str, int]
+) -> AsyncIterator[tuple[LyingServer, list[Peer], PeerClient]]:
+    """A member serving wrong bytes for the blobs (hash: size) of ``lies``, an honest one
+    serving ``honest_store``, their peers in that order, and a client."""
+    liar_id, good_id, client_id = (make_identity(ca, n) for n in ("liar", "honest", "fetcher"))
+    liar = LyingServer(liar_id, ca.federation, lies)
+    await liar.start()
+    try:
+        async with (
+            serving(honest_store, good_id, ca.federation) as honest,
+            PeerClient(client_id, ca.federation) as client,
+        ):
+            yield liar, [peer_of(liar, liar_id), peer_of(honest, good_id)], client
+    finally:
+        await liar.stop()
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +254,6 @@ def _corrupt_chunk(blobs: BlobStore, h: str, n: int) -> None:
 async def test_rotten_holder_is_cut_off_and_honest_holder_used(
     ca: FederationCA, store_a: BlobStore, store_b: BlobStore, fresh: BlobStore, big: bytes
 ) -> None:
-    rot_id, good_id, client_id = (make_identity(ca, n) for n in ("rotten", "honest", "fetcher"))
     small = os.urandom(300_000)
     for s in (store_a, store_b):
         s.put(small)
@@ -225,12 +262,7 @@ async def test_rotten_holder_is_cut_off_and_honest_holder_used(
     _corrupt_chunk(store_a, hs, 0)
     _corrupt_chunk(store_a, hb, 7)
     reported: list[str] = []
-    async with (
-        serving(store_a, rot_id, ca.federation, on_corrupt=reported.append) as rotten,
-        serving(store_b, good_id, ca.federation) as honest,
-        PeerClient(client_id, ca.federation) as client,
-    ):
-        holders = [peer_of(rotten, rot_id), peer_of(honest, good_id)]
+    async with two_holders(ca, (store_a, store_b), reported.append) as (rotten, _, holders, client):
         assert await client.fetch_into(holders, hs, len(small), fresh) == holders[1]
         # one holder at a time: the rotten server cuts the stream before its last byte
         assert await client.fetch_into(holders[:1] + holders[1:], hb, None, fresh) == holders[1]
@@ -244,31 +276,22 @@ async def test_rotten_holder_is_cut_off_and_honest_holder_used(
 async def test_lying_member_detected_skipped_and_counted(
     ca: FederationCA, store_b: BlobStore, fresh: BlobStore, big: bytes
 ) -> None:
-    liar_id, good_id, client_id = (make_identity(ca, n) for n in ("liar", "honest", "fetcher"))
     small = os.urandom(100_000)
     hs, hb = store_b.put(small), store_b.put(big)
-    liar = LyingServer(liar_id, ca.federation, {hs: len(small), hb: len(big)})
-    await liar.start()
-    try:
-        async with (
-            serving(store_b, good_id, ca.federation) as honest,
-            PeerClient(client_id, ca.federation) as client,
-        ):
-            holders = [peer_of(liar, liar_id), peer_of(honest, good_id)]
-            assert await client.fetch_into(holders, hs, len(small), fresh) == holders[1]
-            assert client.bad_peers == {"liar": 1}
-            # large: the ranged fetch fails its whole-blob check, then holders are tried in turn
-            assert await client.fetch_into(holders, hb, len(big), fresh) == holders[1]
-            assert client.bad_peers == {"liar": 2}
-            # with the liar alone: nothing stored, an integrity failure reported
-            other = os.urandom(5000)
-            ho = hash_bytes(other)
-            liar.sizes[ho] = len(other)
-            report = await client.fetch_many([(ho, len(other), holders[:1])], fresh)
-            assert ho in report.failed and "intact" in report.failed[ho]
-            assert report.bad_peers == {"liar": 3}
-    finally:
-        await liar.stop()
+    lies = {hs: len(small), hb: len(big)}
+    async with liar_and_honest(ca, store_b, lies) as (liar, holders, client):
+        assert await client.fetch_into(holders, hs, len(small), fresh) == holders[1]
+        assert client.bad_peers == {"liar": 1}
+        # large: the ranged fetch fails its whole-blob check, then holders are tried in turn
+        assert await client.fetch_into(holders, hb, len(big), fresh) == holders[1]
+        assert client.bad_peers == {"liar": 2}
+        # with the liar alone: nothing stored, an integrity failure reported
+        other = os.urandom(5000)
+        ho = hash_bytes(other)
+        liar.sizes[ho] = len(other)
+        report = await client.fetch_many([(ho, len(other), holders[:1])], fresh)
+        assert ho in report.failed and "intact" in report.failed[ho]
+        assert report.bad_peers == {"liar": 3}
     assert fresh.get(hs) == small
     assert fresh.get(hb) == big
     assert not fresh.has(ho)
@@ -317,18 +340,109 @@ async def test_fetch_many_two_holders_and_a_dead_one(
 async def test_ranged_fetch_from_two_servers(
     ca: FederationCA, store_a: BlobStore, store_b: BlobStore, fresh: BlobStore, big: bytes
 ) -> None:
-    ida, idb, client_id = (make_identity(ca, n) for n in ("a", "b", "fetcher"))
     h = store_a.put(big)
     store_b.put(big)
-    async with (
-        serving(store_a, ida, ca.federation) as sa,
-        serving(store_b, idb, ca.federation) as sb,
-        PeerClient(client_id, ca.federation) as client,
-    ):
-        holders = [peer_of(sa, ida), peer_of(sb, idb)]
+    async with two_holders(ca, (store_a, store_b)) as (sa, sb, holders, client):
         report = await client.fetch_many([(h, len(big), holders)], fresh)
         assert report.fetched == 1 and not report.failed
         # both servers sent part of it, as ranges (a range is not a whole-blob "served")
         assert sa.stats["bytes"] > 0 and sb.stats["bytes"] > 0
         assert sa.stats["bytes"] + sb.stats["bytes"] == len(big)
     assert fresh.get(h) == big
+
+
+async def test_many_small_blobs_move_in_one_batch(
+    ca: FederationCA, store_a: BlobStore, fresh: BlobStore
+) -> None:
+    server_id, client_id = make_identity(ca, "holder"), make_identity(ca, "fetcher")
+    blobs = [os.urandom(20_000 + i) for i in range(60)]
+    items = [(store_a.put(d), len(d)) for d in blobs]
+    seen: list[tuple[int, int]] = []
+    async with (
+        serving(store_a, server_id, ca.federation) as server,
+        PeerClient(client_id, ca.federation) as client,
+    ):
+        peer = peer_of(server, server_id)
+        report = await client.fetch_many(
+            [(h, n, [peer]) for h, n in items],
+            fresh,
+            progress=lambda done, total: seen.append((done, total)),
+        )
+    assert server.stats["batches"] == 1  # one request for all sixty
+    assert server.stats["served"] == len(blobs)
+    assert report.fetched == len(blobs) and not report.failed
+    assert report.bytes == sum(len(d) for d in blobs)
+    assert seen[-1] == (report.bytes, report.bytes)
+    for data in blobs:
+        assert fresh.get(hash_bytes(data)) == data
+
+
+async def test_batch_gaps_and_rot_are_fetched_from_the_other_holder(
+    ca: FederationCA, store_a: BlobStore, store_b: BlobStore, fresh: BlobStore
+) -> None:
+    blobs = [os.urandom(30_000 + i) for i in range(12)]
+    hashes = [store_b.put(d) for d in blobs]
+    for i, data in enumerate(blobs):
+        if i != 2:  # a lacks blob 2
+            store_a.put(data)
+    _corrupt_chunk(store_a, hashes[6], 0)  # and blob 6 has rotted at a
+    reported: list[str] = []
+    async with two_holders(ca, (store_a, store_b), reported.append) as (sa, sb, holders, client):
+        # even-numbered items are asked of a first, odd-numbered of b
+        report = await client.fetch_many(
+            [(h, len(d), holders) for h, d in zip(hashes, blobs, strict=True)], fresh
+        )
+    assert report.fetched == len(blobs) and not report.failed
+    assert report.bad_peers == {}  # not holding, or rot found by the holder itself, is no lie
+    assert reported == [hashes[6]]
+    assert sa.stats["corrupt"] == 1
+    assert sa.stats["batches"] == 1 and sb.stats["batches"] == 1
+    assert sa.stats["served"] == 2  # items 0 and 4, before the rotten 6 cut the stream
+    assert fresh.verify() == []
+    for h, data in zip(hashes, blobs, strict=True):
+        assert fresh.get(h) == data
+
+
+async def test_lying_member_in_a_batch_is_bypassed_and_counted(
+    ca: FederationCA, store_b: BlobStore, fresh: BlobStore
+) -> None:
+    blobs = [os.urandom(10_000 + i) for i in range(6)]
+    hashes = [store_b.put(d) for d in blobs]
+    lies = {h: len(d) for h, d in zip(hashes, blobs, strict=True)}
+    async with liar_and_honest(ca, store_b, lies) as (liar, holders, client):
+        report = await client.fetch_many(
+            [(h, len(d), holders) for h, d in zip(hashes, blobs, strict=True)], fresh
+        )
+    assert report.fetched == len(blobs) and not report.failed
+    assert report.bad_peers == {"liar": 3}  # items 0, 2, 4 were asked of the liar first
+    assert liar.served == 3  # and it was not asked again
+    for h, data in zip(hashes, blobs, strict=True):
+        assert fresh.get(h) == data
+
+
+async def test_batch_requests_are_checked_and_answered_in_frames(
+    ca: FederationCA, store_a: BlobStore
+) -> None:
+    server_id, client_id = make_identity(ca, "holder"), make_identity(ca, "fetcher")
+    data = os.urandom(5000)
+    h, absent = store_a.put(data), hash_bytes(b"not here")
+    async with (
+        serving(store_a, server_id, ca.federation) as server,
+        PeerClient(client_id, ca.federation) as client,
+    ):
+        url = peer_of(server, server_id).url + "/v1/blobs/batch"
+        for bad in (["xyz"], [h] * (MAX_BATCH + 1), {"not": "a list"}):
+            async with client.session.post(url, json=bad) as resp:
+                assert resp.status == 400, bad
+        async with client.session.post(url, data=b"not json") as resp:
+            assert resp.status == 400
+        async with client.session.post(url, json=[h, absent, h]) as resp:
+            assert resp.status == 200
+            body = await resp.read()
+    frames = []
+    while body:
+        digest, size = BATCH_FRAME.unpack(body[: BATCH_FRAME.size])
+        body = body[BATCH_FRAME.size :]
+        frames.append((digest.hex(), size, body[: max(size, 0)]))
+        body = body[max(size, 0) :]
+    assert frames == [(h, len(data), data), (absent, -1, b""), (h, len(data), data)]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dht import DhtError, DhtNode
@@ -55,6 +56,29 @@ def test_find_and_fetch_from_another_site(testbed: Testbed, fault_instances: lis
     status = json.loads(lab.run_cli("status", "--json").stdout)
     assert status["federation"]["sites_up"] == 3
     assert {m["name"] for m in status["federation"]["members"]} == set(SITES) - {"research-lab"}
+
+
+def test_fetch_keeps_the_newest_version_current(
+    testbed: Testbed, fault_instances: list[Path], tmp_path: Path
+) -> None:
+    """An instance re-sent with corrections has two versions; a fetching site must index them
+    oldest first, so it serves the correction, while single versions are indexed on arrival."""
+    clinic, lab = testbed["clinic-a"], testbed["research-lab"]
+    first = fault_instances[:5]
+    corrected = tmp_path / "corrected.dcm"
+    ds = pydicom.dcmread(first[2])
+    ds.ImageComments = "corrected after the first send"
+    ds.save_as(corrected)
+    ingest(clinic, first)
+    ingest(clinic, [corrected])
+    (study,) = studies_of(first)
+    wait_replicated(clinic, {study}, 2)
+    fetched = lab.run_cli("fetch", study, timeout=120)
+    assert fetched.returncode == 0, fetched.stderr.decode()
+    assert lab.status()["instances"] == 5
+    newest = [*first[:2], corrected, *first[3:]]
+    assert originals(newest) != originals(first)
+    assert lost_at(lab, {study}, originals(newest)) == []
 
 
 def test_read_through_cmove_from_dcmtk(tmp_path: Path, fault_instances: list[Path]) -> None:
