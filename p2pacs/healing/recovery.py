@@ -13,7 +13,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
@@ -28,6 +30,12 @@ log = logging.getLogger(__name__)
 PLAN_ATTEMPTS = 20  # DHT lookups of the site's own record before giving up on finding peers
 PLAN_RETRY = 1.0  # seconds between them
 PLAN_BACKOFF = 5.0  # seconds before planning again when the federation could not help
+STUDIES_AT_ONCE = 3  # studies fetched concurrently while draining the queue
+
+
+def _log_failure(write: Future[Any]) -> None:
+    if write.exception() is not None:
+        log.error("recovery queue not updated: %s", write.exception())
 
 
 @dataclass(slots=True)
@@ -133,8 +141,12 @@ class Recovery:
         self.db.write(lambda txn: txn.put(entry.study_uid.encode(), raw, db=self._table))
 
     def _done(self, study_uid: str) -> None:
+        """Take a study off the queue without waiting for the delete to be durable (the loop
+        keeps fetching meanwhile): after a crash a study found complete is simply taken off
+        again."""
         self.node.publisher.pending.pop(study_uid, None)
-        self.db.write(lambda txn: txn.delete(study_uid.encode(), db=self._table))
+        write = self.db.submit(lambda txn: txn.delete(study_uid.encode(), db=self._table))
+        write.add_done_callback(_log_failure)
 
     # --- draining -------------------------------------------------------------------------------
 
@@ -167,45 +179,63 @@ class Recovery:
             await self._wake.wait()
 
     async def drain(self) -> RecoveryProgress:
+        """Fetch every queued study, newest first, ``STUDIES_AT_ONCE`` at a time: one study's
+        lookups and manifests overlap another's blobs, so the transfer never idles between
+        studies."""
         queue = Catalogue.of(
             self.node.site_hex, self.node.publisher.pending.values()
         ).newest_first()
         p = self.progress = RecoveryProgress(
             studies_total=len(queue), bytes_total=sum(e.bytes for e in queue)
         )
-        for entry in queue:
-            p.current = entry.study_uid
-            self._notify()
-            if entry.study_uid not in self.node.publisher.pending:
-                p.studies_done += 1  # fetched on demand meanwhile
-                p.bytes_done += entry.bytes
-                continue
-            before = p.bytes_done
+        partial: dict[str, int] = {}  # bytes so far of the studies being fetched
+        finished = 0  # bytes of the studies done
 
-            def on_bytes(done: int, base: int = before) -> None:
-                p.bytes_done = base + done
-                self._notify()
-
-            try:
-                result = await self.node.fetch_study(
-                    entry.study_uid, extra_manifests=(entry.manifest_hash,), progress=on_bytes
-                )
-                p.instances += result.instances
-                if result.complete and self._complete(entry):
-                    self._done(entry.study_uid)
-                else:
-                    p.failed[entry.study_uid] = f"{len(result.failed)} blobs not fetched"
-            except P2PacsError as exc:
-                p.failed[entry.study_uid] = str(exc)
-            p.studies_done += 1
-            p.bytes_done = before + entry.bytes
+        def update() -> None:
+            p.bytes_done = finished + sum(partial.values())
             self._notify()
+
+        def on_bytes(study_uid: str) -> Callable[[int], None]:
+            def progress(done: int) -> None:
+                partial[study_uid] = done
+                update()
+
+            return progress
+
+        slots = asyncio.Semaphore(STUDIES_AT_ONCE)  # FIFO: studies start newest first
+
+        async def one(entry: CatalogueEntry) -> None:
+            nonlocal finished
+            async with slots:
+                if entry.study_uid in self.node.publisher.pending:  # else fetched on demand
+                    p.current = entry.study_uid
+                    await self._fetch(entry, on_bytes(entry.study_uid))
+                partial.pop(entry.study_uid, None)
+                finished += entry.bytes
+                p.studies_done += 1
+                update()
+
+        await asyncio.gather(*(one(entry) for entry in queue))
         p.finished = time.time()
         p.current = ""
         self.node.publisher.mark([])
         await self.node.publisher.publish_site()
         self._notify()
         return p
+
+    async def _fetch(self, entry: CatalogueEntry, progress: Callable[[int], None]) -> None:
+        p = self.progress
+        try:
+            result = await self.node.fetch_study(
+                entry.study_uid, extra_manifests=(entry.manifest_hash,), progress=progress
+            )
+            p.instances += result.instances
+            if result.complete and self._complete(entry):
+                self._done(entry.study_uid)
+            else:
+                p.failed[entry.study_uid] = f"{len(result.failed)} blobs not fetched"
+        except P2PacsError as exc:
+            p.failed[entry.study_uid] = str(exc)
 
     def on_demand(self, study_uid: str) -> None:
         """A study fetched by read-through while queued is complete: take it off the queue."""
