@@ -1,8 +1,9 @@
 """A bare pynetdicom Storage SCP for the ingest benchmark: writes each dataset to a file.
 
 Run as ``python bench/_pynetdicom_scp.py OUT_DIR PORT``; prints ``ready`` once listening. Its
-handler only writes ``event.encoded_dataset()`` (no fsync), with ``maximum_pdu_size = 0``: the
-best pynetdicom can do, the baseline for the p2pacs gateway built on it.
+handler only writes ``event.encoded_dataset()`` (no fsync), with ``maximum_pdu_size = 0`` and
+the allocator tuning and DUL poll interval p2pacs uses: the best pynetdicom can do, the baseline
+for the p2pacs gateway built on it.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
+from p2pacs.allocator import tune_allocator
 from p2pacs.const import DUL_POLL_DELAY
 
 
 def main() -> None:
+    tune_allocator()  # as p2pacs processes do, so the baseline is pynetdicom at its best
     out, port = Path(sys.argv[1]), int(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     count = 0

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from p2pacs import __version__
+from p2pacs.allocator import tune_allocator
 from p2pacs.cli import (
     archive_cmds,
     demo_cmds,
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else logging.WARNING
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_allocator()
     if args.site is None:
         args.site = default_site_dir()
     try:
