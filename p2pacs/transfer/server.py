@@ -168,7 +168,7 @@ class TransferServer:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        if await self._send(request, response, h, (start, end)):
+        if await self._send(request, response, h, (start, end), size):
             await response.write_eof()
         return response
 
@@ -189,22 +189,25 @@ class TransferServer:
         for h in hashes:
             size = sizes.get(h, -1)
             await response.write(BATCH_FRAME.pack(bytes.fromhex(h), size))
-            if size >= 0 and not await self._send(request, response, h, (0, size)):
+            if size >= 0 and not await self._send(request, response, h, (0, size), size):
                 return response
         await response.write_eof()
         return response
 
     async def _send(
-        self, request: web.Request, response: web.StreamResponse, h: str, span: tuple[int, int]
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        h: str,
+        span: tuple[int, int],
+        size: int,
     ) -> bool:
-        """Stream bytes ``[start, end)`` of a blob; False if it was cut short (corrupt or gone).
-
-        A whole blob is checked against its hash on the way out."""
+        """Stream bytes ``[start, end)`` of a blob of ``size`` bytes; False if it was cut short
+        (corrupt or gone). A whole blob is checked against its hash on the way out."""
         start, end = span
+        hasher = blake3.blake3() if span == (0, size) else None
         sent = 0
         try:
-            whole = start == 0 and end == self.blobs.info(h).size
-            hasher = blake3.blake3() if whole else None
             for piece in self.blobs.read_range(h, start, end):
                 if hasher is not None:
                     hasher.update(piece)
