@@ -465,6 +465,30 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
             )
         return GetResult(entries, hops, queried, found_remote)
 
+    def own_record(self, namespace: str, key: str) -> bytes | None:
+        """Our latest signed record under (namespace, key), encoded as on the wire; members keep
+        a copy of it (``open_record``) so it outlives its expiry on the DHT."""
+        dkey = derive_dht_key(self._federation.key_hash_key, namespace, key)
+        for record in self.storage.records(dkey, time.time()):
+            if record.publisher == self.site_id:
+                return encode_record(record)
+        return None
+
+    def open_record(
+        self, namespace: str, key: str, raw: bytes, *, allow_expired: bool = False
+    ) -> Entry:
+        """Verify and unseal a record received outside the DHT (from a member's copy).
+
+        Raises ``RecordError`` unless it is a member's signed record for exactly this key."""
+        dkey = derive_dht_key(self._federation.key_hash_key, namespace, key)
+        now = time.time()
+        record = decode_record(raw)
+        if record.dht_key != dkey or record.is_tombstone:
+            raise RecordError("record is for another key, or withdrawn")
+        member = verify_record(record, self._verifier, now, allow_expired=allow_expired)
+        value = unseal_value(self._federation.seal_key, dkey, record.sealed)
+        return Entry(record.publisher, member.name, record.seq, record.expires_at, value)
+
     # ---- maintenance ------------------------------------------------------------------------
     async def _maintenance(self) -> None:
         """Republish own entries, cull expired records, refresh buckets, save contacts."""

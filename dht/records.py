@@ -234,9 +234,15 @@ class CertVerifier:
         return member
 
 
-def verify_record(record: Record, verifier: CertVerifier, now: float) -> Member:
+def verify_record(
+    record: Record, verifier: CertVerifier, now: float, *, allow_expired: bool = False
+) -> Member:
     """Check certificate (federation CA), publisher == site_id of the certificate, signature,
-    expiry and lifetime cap; return the publisher. Raises ``RecordError`` otherwise."""
+    expiry and lifetime cap; return the publisher. Raises ``RecordError`` otherwise.
+
+    ``allow_expired``: accept a record past its expiry (never one whose lifetime claim is over
+    the cap). Only for a site reading back its own last record from a member's copy after an
+    outage longer than the TTL: the signature still proves who wrote it and ``seq`` when."""
     member = verifier.verify(record.cert_der, now)
     if member.site_id != record.publisher:
         raise RecordError("record publisher is not the site named in its certificate")
@@ -252,7 +258,7 @@ def verify_record(record: Record, verifier: CertVerifier, now: float) -> Member:
         member.public_key.verify(record.signature, body)
     except InvalidSignature as exc:
         raise RecordError("record signature does not verify") from exc
-    if record.expired(now):
+    if record.expired(now) and not allow_expired:
         raise RecordError("record has expired")
     if record.expires_at > now + MAX_TTL + 60:
         raise RecordError("record claims a lifetime beyond the cap")

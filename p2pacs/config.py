@@ -77,6 +77,8 @@ class FederationConfig:
     replication: int = const.DEFAULT_REPLICATION
     down_after: float = 30.0  # seconds without an answer before a site is considered down
     repair_interval: float = 10.0  # seconds between anti-entropy passes
+    record_ttl: float = const.RECORD_TTL  # seconds a DHT record lives unless republished
+    recover_give_up: float = 600.0  # seconds a study may keep failing before recover reports it
 
 
 @dataclass(slots=True)

@@ -21,3 +21,5 @@ DEFAULT_DHT_PORT = 11190  # UDP Kademlia
 DEFAULT_REPLICATION = 2  # R: sites holding every study (design.md)
 DEFAULT_MAX_PDU = 0  # 0 = unlimited; pynetdicom's fastest setting for large instances
 DUL_POLL_DELAY = 0.0001  # seconds pynetdicom's DUL thread sleeps when idle (its default: 1 ms)
+
+RECORD_TTL = 48 * 3600.0  # seconds a DHT record lives unless republished (libp2p's 48 h)

@@ -16,7 +16,7 @@ from typing import Any
 
 from p2pacs import __version__
 from p2pacs.archive import Archive
-from p2pacs.errors import P2PacsError
+from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.site import Site
 
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 class SiteNode:
     """Async context manager running one site."""
 
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, *, new_site: bool = False):
+        """``new_site``: the operator's word that this enrolled site never held anything, so
+        its empty archive may publish an empty catalogue at once (``serve --new-site``)."""
         self.site = site
+        self.new_site = new_site
         self.archive: Archive | None = None
         self.gateway: Gateway | None = None
         self.federation: Any = None  # FederationNode when enrolled
@@ -47,6 +50,8 @@ class SiteNode:
     async def start(self) -> None:
         self.archive = archive = self.site.archive()
         enrolled = self.site.config.federation.enabled
+        if enrolled:  # before the gateway takes a C-STORE: a wiped archive is awaiting from now
+            self._settle_baseline(archive)
         self.gateway = Gateway(
             archive,
             self.site.config.dicom,
@@ -59,6 +64,22 @@ class SiteNode:
         if enrolled:
             await self._start_federation()
         self._write_runfile()
+
+    def _settle_baseline(self, archive: Archive) -> None:
+        from p2pacs.federation.continuity import settle_at_start
+
+        holds = next(iter(archive.index.studies()), None) is not None
+        baseline = settle_at_start(archive.db, holds_studies=holds, new_site=self.new_site)
+        if self.new_site and not baseline.known:
+            raise FederationError(
+                "--new-site refused: this archive already holds studies received since it was "
+                "wiped; its previous catalogue must be found first (see 'p2pacs status')"
+            )
+        if not baseline.known:
+            log.warning(
+                "this archive holds nothing of its past: it will not publish a catalogue until "
+                "it has found its last site record at another member"
+            )
 
     @property
     def runfile(self) -> Path:
@@ -151,12 +172,18 @@ class SiteNode:
             "last_repair": stats.last_repair or None,
             "pulls_done": stats.pulls_done,
             "pulls_failed": stats.pulls_failed,
+            "catalogue": fed.publisher.catalogue_hash,
             "recovery_pending": rec.pending,
             "recovery": {
                 "studies_total": rec.progress.studies_total,
                 "studies_done": rec.progress.studies_done,
                 "bytes_total": rec.progress.bytes_total,
                 "bytes_done": rec.progress.bytes_done,
+                "retrying": len(rec.failing),
+                "given_up": rec.given_up(),
+                "awaiting_record": rec.awaiting,
+                "baseline": rec.baseline.evidence.value if rec.baseline else None,
+                "error": rec.error,
             },
             "dht": dict(fed.dht.stats) if fed.dht is not None else {},
         }

@@ -208,6 +208,8 @@ class Testbed:
         host: str = "127.0.0.1",
         hosts: dict[str, str] | None = None,
         prefixes: dict[str, tuple[str, ...]] | None = None,
+        record_ttl: float | None = None,
+        recover_give_up: float | None = None,
     ):
         """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
         where each site can use the default ports."""
@@ -246,6 +248,10 @@ class Testbed:
             )
             site.config.federation.down_after = down_after
             site.config.federation.repair_interval = repair_interval
+            if record_ttl is not None:
+                site.config.federation.record_ttl = record_ttl
+            if recover_give_up is not None:
+                site.config.federation.recover_give_up = recover_give_up
             site.config.dicom.bind = site_host
             site.save_config()
             if first_dht is None:

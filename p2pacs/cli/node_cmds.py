@@ -88,12 +88,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  repairs: {fed['pulls_done']} done, {fed['pulls_failed']} failed, last "
             + (f"{time.time() - last:.0f} s ago" if last else "never")
         )
+        rec = fed["recovery"]
+        if rec["awaiting_record"]:
+            console.print(
+                "  [red]awaiting its last site record[/]: this archive was wiped; it publishes "
+                f"no catalogue until a member answers ({rec['error'] or 'looking'})"
+            )
         if fed["recovery_pending"]:
-            rec = fed["recovery"]
             console.print(
                 f"  [yellow]recovering[/]: {fed['recovery_pending']} studies left "
-                f"({_size(rec['bytes_done'])} of {_size(rec['bytes_total'])})"
+                f"({_size(rec['bytes_done'])} of {_size(rec['bytes_total'])}), "
+                f"{rec['retrying']} retrying"
             )
+        for uid, why in rec["given_up"].items():
+            console.print(f"  [red]not recovered[/] {uid}: {why}")
         _members_table(fed["members"])
     elif "error" in status:
         console.print(f"  [dim]{status['error']}[/]")

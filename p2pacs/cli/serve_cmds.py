@@ -17,6 +17,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, help="DICOM port (overrides the config; 0 picks a free one)")
     p.add_argument("--aet", help="DICOM AE title (overrides the config)")
     p.add_argument("--bind", help="address the DICOM gateway listens on (overrides the config)")
+    p.add_argument(
+        "--new-site",
+        action="store_true",
+        help="this enrolled site never held anything: publish its empty catalogue without first "
+        "looking for a previous one (only for an empty archive; never after a wipe)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -36,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with SiteNode(site) as node:
+        async with SiteNode(site, new_site=args.new_site) as node:
             host, port = node.dicom_address
             print(f"ready {site.config.dicom.ae_title} {host}:{port}", flush=True)
             await stop.wait()

@@ -31,6 +31,7 @@ from dht.membership import (
 )
 from p2pacs.config import parse_hostport
 from p2pacs.errors import IdentityError
+from p2pacs.federation.continuity import Evidence, mark_baseline
 from p2pacs.site import Site
 
 __all__ = ["create_federation_dir", "enroll_site", "load_federation_ca", "load_identity"]
@@ -177,6 +178,10 @@ def enroll_site(
         dicom.port = dicom_port
     dicom.destinations.update(destinations or {})
     site.save_config()
+    # a new key is a new site: nothing was ever published under it, so its archive may publish
+    # an empty catalogue (a wiped archive, which loses this mark, never may)
+    with site.archive() as archive:
+        mark_baseline(archive.db, Evidence.ENROLLED, f"enrolled as {name}")
     return site
 
 

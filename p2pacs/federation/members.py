@@ -4,6 +4,11 @@ Liveness comes from p2pacs's own heartbeats (mDNS never reports a partition and 
 linger), so a site is "up" only while it has answered within ``down_after`` seconds. The table is
 kept in the site database so a restarted site still knows the federation, including the last
 catalogue of a member that is down: that is what lets the survivors restore its studies.
+
+Beside it, the table keeps each member's latest *signed* ``site/<id>`` record exactly as the
+member signed it, for as long as the member exists rather than for the record's TTL: a site
+wiped after an outage longer than the TTL reads its own last record back from these copies
+(``p2pacs.federation.continuity``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,12 @@ class MemberTable:
         self.own_id = own_id
         self._cache: dict[bytes, Member] = {}
         self._persisted: dict[bytes, float] = {}  # last_seen as last written
+        self._signed_table = db.db("fed_site_records")
+        self._signed: dict[bytes, tuple[int, bytes]] = {}  # site_id -> (seq, signed record)
         with db.read() as txn:
+            for key, raw in txn.cursor(db=self._signed_table):
+                seq, record = msgpack.unpackb(raw, raw=False)
+                self._signed[bytes(key)] = (int(seq), bytes(record))
             for key, raw in txn.cursor(db=self._table):
                 rec, last_seen, first_seen = msgpack.unpackb(raw, raw=False)
                 self._cache[bytes(key)] = Member(
@@ -87,6 +97,26 @@ class MemberTable:
         self._cache[member.site_id] = member
         if member.last_seen - self._persisted.get(member.site_id, 0.0) > SEEN_PERSIST:
             self._save(member)
+
+    def signed_record(self, site_id: bytes) -> bytes | None:
+        """A member's latest signed ``site/<id>`` record as it signed it (None if never seen)."""
+        kept = self._signed.get(site_id)
+        return kept[1] if kept else None
+
+    def is_kept(self, site_id: bytes, record: bytes) -> bool:
+        kept = self._signed.get(site_id)
+        return kept is not None and kept[1] == record
+
+    def keep_signed(self, site_id: bytes, seq: int, record: bytes) -> bool:
+        """Keep a verified signed record if it is newer than the one kept; True if it was."""
+        kept = self._signed.get(site_id)
+        if kept is not None and kept[0] >= seq:
+            return False
+        self._signed[site_id] = (seq, record)
+        raw = msgpack.packb([seq, record], use_bin_type=True)
+        table = self._signed_table
+        self._db.submit(lambda txn: txn.put(site_id, raw, db=table))
+        return True
 
     def up(self, down_after: float) -> list[Member]:
         now = time.time()

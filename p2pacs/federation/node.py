@@ -18,7 +18,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dht import DhtError, DhtNode
+from dht import DhtError, DhtNode, Entry, RecordError
+from dht.const import REPUBLISH_INTERVAL
 from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
 from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
@@ -91,8 +92,15 @@ class FederationNode:
         self.server: TransferServer | None = None
         self.client: PeerClient | None = None
         self.discovery: Any = None
-        self.publisher = Publisher(archive, self.site_hex, self._dht_put, self.site_record)
+        self.publisher = Publisher(
+            archive,
+            self.site_hex,
+            self._dht_put,
+            self.site_record,
+            record_ttl=self.config.record_ttl,
+        )
         self.publisher.on_catalogue = self.push_catalogue
+        self.publisher.on_site_record = self.push_site_record
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._study_locks: dict[str, asyncio.Lock] = {}
@@ -117,6 +125,8 @@ class FederationNode:
             port=cfg.dht_port,
             storage_path=self.site.dht_path,
             bootstrap=bootstrap,
+            # own records are re-signed well before they lapse, even with a short TTL
+            republish_interval=min(REPUBLISH_INTERVAL, cfg.record_ttl / 4),
         )
         self.client = PeerClient(self.identity, self.federation)
         await self.client.__aenter__()
@@ -286,9 +296,90 @@ class FederationNode:
                 self.client.request_json(self.peer_of(member), "GET", "/v1/site"), 3.0
             )
             record = SiteRecord(**{k: raw[k] for k in SiteRecord.__slots__})
-        except (P2PacsError, OSError, TimeoutError, KeyError, TypeError):
+            signed = bytes.fromhex(raw.get("signed") or "")
+        except (P2PacsError, OSError, TimeoutError, KeyError, TypeError, ValueError):
             return
         self.members.upsert(member.site_id, record, seen=True)
+        if signed:
+            self.keep_signed(member.site_id, signed)
+
+    # --- signed site records: every member keeps every other member's latest -------------------
+
+    def signed_site_record(self) -> bytes | None:
+        """This site's latest signed ``site/<id>`` record (None before the first publication)."""
+        assert self.dht is not None
+        return self.dht.own_record(SITE_NAMESPACE, self.site_hex)
+
+    def open_site_record(self, site_id: bytes, raw: bytes, *, allow_expired: bool) -> Entry:
+        """Verify a signed ``site/<id>`` record of ``site_id``; ``DhtError`` if it is not one."""
+        assert self.dht is not None
+        entry = self.dht.open_record(
+            SITE_NAMESPACE, site_id.hex(), raw, allow_expired=allow_expired
+        )
+        if entry.publisher != site_id:
+            raise RecordError("site record signed by another site")
+        return entry
+
+    def keep_signed(self, site_id: bytes, raw: bytes) -> bool:
+        """Keep a member's signed site record if it verifies and is newer; True if kept."""
+        if site_id == self.site_id or self.members.is_kept(site_id, raw):
+            return False
+        try:
+            entry = self.open_site_record(site_id, raw, allow_expired=False)
+        except DhtError as exc:
+            log.info("ignoring a site record of %s: %s", site_id.hex()[:12], exc)
+            return False
+        return self.members.keep_signed(site_id, entry.seq, raw)
+
+    async def push_site_record(self) -> None:
+        """Hand our newly signed site record to every live member (heartbeats are the backstop
+        for members that are down now)."""
+        assert self.client is not None
+        raw = self.signed_site_record()
+        if raw is None:
+            return
+        client, body = self.client, {"record": raw.hex()}
+
+        async def one(peer: Peer) -> None:
+            path = f"/v1/sites/{self.site_hex}/record"
+            try:
+                await asyncio.wait_for(
+                    client.request_json(peer, "POST", path, body), CATALOGUE_PUSH_TIMEOUT
+                )
+            except (P2PacsError, OSError, TimeoutError) as exc:
+                log.info("%s did not take our site record: %s", peer.name, exc)
+
+        await asyncio.gather(*(one(p) for p in self.live_peers()))
+
+    async def own_site_records(self) -> list[Entry]:
+        """Every copy of this site's own signed site record we can find now: on the DHT and at
+        each live member (those outlive the DHT's TTL). Expired copies count: the signature
+        proves this site wrote them, ``seq`` orders them."""
+        assert self.dht is not None and self.client is not None
+        on_dht = await self.dht.get(SITE_NAMESPACE, self.site_hex)
+        found = [e for e in on_dht if e.publisher == self.site_id]
+        client = self.client
+
+        async def one(peer: Peer) -> Entry | None:
+            try:
+                raw = await asyncio.wait_for(
+                    client.request_json(peer, "GET", f"/v1/sites/{self.site_hex}/record"),
+                    CATALOGUE_PUSH_TIMEOUT,
+                )
+                record = bytes.fromhex(str(raw["record"])) if raw.get("record") else b""
+            except (P2PacsError, OSError, TimeoutError, KeyError, TypeError, ValueError) as exc:
+                log.info("%s did not answer with our site record: %s", peer.name, exc)
+                return None
+            if not record:
+                return None
+            try:
+                return self.open_site_record(self.site_id, record, allow_expired=True)
+            except DhtError as exc:
+                log.warning("%s answered with a bad copy of our site record: %s", peer.name, exc)
+                return None
+
+        copies = await asyncio.gather(*(one(p) for p in self.live_peers()))
+        return found + [e for e in copies if e is not None]
 
     async def push_catalogue(self, h: str) -> None:
         """Have every live member copy this site's new catalogue now (not at its next pass)."""

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from p2pacs.archive import Archive
+from p2pacs.const import RECORD_TTL
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
     STUDY_NAMESPACE,
@@ -24,11 +25,10 @@ from p2pacs.federation.catalogue import (
 )
 from p2pacs.federation.manifest import Manifest, build_manifest
 
-__all__ = ["RECORD_TTL", "Publisher"]
+__all__ = ["Publisher"]
 
 log = logging.getLogger(__name__)
 
-RECORD_TTL = 48 * 3600.0  # seconds a DHT entry lives unless republished (libp2p provider records)
 BATCH_WINDOW = 0.3  # seconds to gather instances of a study before publishing it once
 
 PutFn = Callable[[str, str, bytes, float], Awaitable[int]]
@@ -43,22 +43,26 @@ class Publisher:
         site_hex: str,
         put: PutFn,
         site_record: Callable[[], SiteRecord],
+        *,
+        record_ttl: float = RECORD_TTL,
     ):
         self.archive = archive
         self.site_hex = site_hex
         self._put = put
         self._site_record = site_record
+        self.record_ttl = record_ttl
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self.entries: dict[str, CatalogueEntry] = {}
         self.pending: dict[str, CatalogueEntry] = {}  # studies held before a wipe, not yet back
         self.catalogue_hash = ""
         self.published = asyncio.Event()  # set after each completed round
-        # set once recovery has read the previous catalogue: until then publishing ``site/<id>``
-        # could replace a wiped site's record with an empty catalogue
+        # set once the archive has a baseline (``continuity``): until then publishing
+        # ``site/<id>`` could replace a wiped site's record with an empty catalogue
         self.site_ready = asyncio.Event()
         self.on_published: list[Callable[[list[str]], None]] = []
         self.on_catalogue: Callable[[str], Awaitable[None]] | None = None
+        self.on_site_record: Callable[[], Awaitable[None]] | None = None
 
     def mark(self, study_uids: Iterable[str]) -> None:
         """Thread-unsafe: call on the loop (the node bridges ingest threads here)."""
@@ -98,19 +102,26 @@ class Publisher:
             )  # fmt: skip
             if self.entries.get(uid) != entry:
                 holding = StudyHolding(h, manifest.instances, manifest.total_bytes)
-                await self._put(STUDY_NAMESPACE, uid, holding.encode(), RECORD_TTL)
+                await self._put(STUDY_NAMESPACE, uid, holding.encode(), self.record_ttl)
                 self.entries[uid] = entry
-        if self.site_ready.is_set():
-            await self.publish_site()
+        await self.publish_site()
         for listener in self.on_published:
             listener(studies)
         self.published.set()
 
     async def publish_site(self) -> None:
-        """Store the catalogue blob (held + still-recovering studies) and put ``site/<id>``."""
+        """Store the catalogue blob (held + still-recovering studies) and put ``site/<id>``.
+
+        Never before the archive has a baseline: that is the one rule that keeps a wiped site
+        from replacing its catalogue with an empty one."""
+        if not self.site_ready.is_set():
+            return
         merged = {**self.entries, **self.pending}  # a study being restored keeps its old entry
         catalogue = Catalogue.of(self.site_hex, merged.values())
         self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())
         if self.on_catalogue is not None:  # copies at other sites first: a wiped site needs one
             await self.on_catalogue(self.catalogue_hash)
-        await self._put(SITE_NAMESPACE, self.site_hex, self._site_record().encode(), RECORD_TTL)
+        site = self._site_record().encode()
+        await self._put(SITE_NAMESPACE, self.site_hex, site, self.record_ttl)
+        if self.on_site_record is not None:  # members keep the signed record past its TTL
+            await self.on_site_record()

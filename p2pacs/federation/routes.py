@@ -9,9 +9,11 @@ to the site itself. Long operations stream one JSON object per line so the CLI c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +81,38 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
     async def site(request: web.Request) -> web.Response:
         fed = node.federation
         assert fed is not None
-        return web.json_response(dataclasses.asdict(fed.site_record()))
+        signed = fed.signed_site_record()
+        body = {**dataclasses.asdict(fed.site_record()), "signed": signed.hex() if signed else ""}
+        return web.json_response(body)
+
+    def _site_id(request: web.Request) -> bytes:
+        try:
+            site_id = bytes.fromhex(request.match_info["site"])
+        except ValueError:
+            site_id = b""
+        if len(site_id) != 20:
+            raise web.HTTPBadRequest(text="expected a 40-hex-digit site id")
+        return site_id
+
+    async def signed_record(request: web.Request) -> web.Response:
+        """The latest signed ``site/<id>`` record this site keeps of a member ("" if none)."""
+        fed = node.federation
+        assert fed is not None
+        site_id = _site_id(request)
+        raw = fed.signed_site_record() if site_id == fed.site_id else None
+        raw = raw or fed.members.signed_record(site_id)
+        return web.json_response({"record": raw.hex() if raw else ""})
+
+    async def keep_record(request: web.Request) -> web.Response:
+        """A member's newly signed site record: keep it (it is verified, never trusted)."""
+        fed = node.federation
+        assert fed is not None
+        site_id = _site_id(request)
+        try:
+            raw = bytes.fromhex(str((await request.json())["record"]))
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text='expected {"record": HEX}') from None
+        return web.json_response({"kept": fed.keep_signed(site_id, raw)})
 
     async def notify(request: web.Request) -> web.Response:
         try:
@@ -173,17 +206,20 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
 
             recovery.listeners.append(listener)
             try:
-                while not recovery.planned.is_set():
-                    if recovery.error:
-                        raise RecoveryError(recovery.error)
-                    await asyncio.sleep(0.2)
-                await asyncio.sleep(0)
-                while recovery.pending:
-                    await asyncio.sleep(0.2)
-                    emit(dataclasses.asdict(recovery.progress))
+                await _until(recovery.changed, lambda: recovery.planned.is_set() or _stuck())
+                if not recovery.planned.is_set():
+                    raise RecoveryError(recovery.error)
+                await _until(recovery.changed, recovery.settled)
             finally:
                 recovery.listeners.remove(listener)
-            return dataclasses.asdict(recovery.progress)
+            result = dataclasses.asdict(recovery.progress)
+            result["failed"] = recovery.given_up()
+            return result
+
+        def _stuck() -> bool:
+            """Planning has failed for longer than the give-up time: report why."""
+            since = recovery.error_since
+            return bool(recovery.error) and time.time() - since >= recovery.give_up
 
         return await _stream(request, run)
 
@@ -211,6 +247,8 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
 
     def install(app: web.Application) -> None:
         app.router.add_get("/v1/site", site)
+        app.router.add_get("/v1/sites/{site}/record", signed_record)
+        app.router.add_post("/v1/sites/{site}/record", keep_record)
         app.router.add_post("/v1/notify", notify)
         app.router.add_post("/v1/catalogue", catalogue)
         app.router.add_get("/v1/status", status)
@@ -220,6 +258,15 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
         app.router.add_post("/v1/scrub", scrub)
 
     return install
+
+
+async def _until(changed: asyncio.Event, done: Callable[[], bool]) -> None:
+    """Wait until ``done()``, woken by ``changed`` (and at least every second, for deadlines
+    that pass without an event)."""
+    while not done():
+        changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), 1.0)
 
 
 async def iter_lines(stream: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:

@@ -1,15 +1,20 @@
 """Whole-site recovery: a wiped site rebuilds its archive from the other members.
 
-Starting from its identity alone, the site reads its own ``site/<id>`` record, fetches the
-catalogue it last published (every member keeps a copy), and queues every study it no longer
-holds. The queue lives in the site database, so a recovery killed half-way resumes where it
-stopped: blobs already stored are not fetched again. Studies come back newest first, and a
-C-MOVE/C-GET for a study still queued is fetched on demand ahead of the queue (read-through).
+Starting from its identity alone, the site finds its own last signed ``site/<id>`` record (on
+the DHT, or in the copy every member keeps past the record's TTL), fetches the catalogue it
+names (every member keeps a copy), and queues every study it no longer holds. Until it has found
+that record it publishes no catalogue (``p2pacs.federation.continuity``): the absence of a record
+is never taken to mean the site is new. The queue lives in the site database, so a recovery
+killed half-way resumes where it stopped: blobs already stored are not fetched again. Studies
+come back newest first, and a C-MOVE/C-GET for a study still queued is fetched on demand ahead of
+the queue (read-through). A study that fails is retried with backoff for as long as the node
+runs; once it has failed for ``recover_give_up`` seconds, ``recover`` reports it and exits 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,22 +25,40 @@ from typing import Any
 import msgpack
 
 from p2pacs.errors import P2PacsError, RecoveryError
-from p2pacs.federation.catalogue import SITE_NAMESPACE, Catalogue, CatalogueEntry, SiteRecord
+from p2pacs.federation.catalogue import Catalogue, CatalogueEntry, SiteRecord
+from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read_baseline
 from p2pacs.federation.node import FederationNode
 
-__all__ = ["Recovery", "RecoveryProgress"]
+__all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
-PLAN_ATTEMPTS = 20  # DHT lookups of the site's own record before giving up on finding peers
-PLAN_RETRY = 1.0  # seconds between them
-PLAN_BACKOFF = 5.0  # seconds before planning again when the federation could not help
+PLAN_RETRY = 1.0  # seconds between looks for live members while fetching the catalogue
+PLAN_ATTEMPTS = 20  # of those
+PLAN_BACKOFF = 2.0  # seconds before looking for this site's last record again
 STUDIES_AT_ONCE = 3  # studies fetched concurrently while draining the queue
+RETRY_FIRST = 1.0  # seconds before a failed study is tried again; doubles per failure
+RETRY_MAX = 60.0  # seconds: the longest wait between two tries of a failed study
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failure in a row of one study."""
+    return min(RETRY_FIRST * 2.0 ** min(max(failures - 1, 0), 16), RETRY_MAX)
 
 
 def _log_failure(write: Future[Any]) -> None:
     if write.exception() is not None:
         log.error("recovery queue not updated: %s", write.exception())
+
+
+@dataclass(slots=True)
+class Failing:
+    """A queued study whose last fetch failed."""
+
+    since: float  # first failure of this run of failures
+    failures: int
+    next_try: float
+    reason: str
 
 
 @dataclass(slots=True)
@@ -45,63 +68,87 @@ class RecoveryProgress:
     bytes_total: int = 0
     bytes_done: int = 0
     instances: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # given up on (recover reports them)
+    retrying: int = 0  # failed at least once, still being retried
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     current: str = ""
 
 
 class Recovery:
-    """The persistent recovery queue of one site and the task that drains it."""
+    """The persistent recovery queue of one site and the task that drains it (its one owner:
+    the publisher only reads ``pending`` to keep queued studies in the catalogue)."""
 
     def __init__(self, node: FederationNode):
         self.node = node
         self.db = node.archive.db
         self._table = self.db.db("fed_pending")
+        self.give_up = node.config.recover_give_up
         self.progress = RecoveryProgress()
         self.planned = asyncio.Event()
+        self.changed = asyncio.Event()  # set on every change of progress or state
         self._wake = asyncio.Event()
         self.idle = asyncio.Event()
         self.listeners: list[Callable[[RecoveryProgress], None]] = []
         self.error = ""  # why recovery could not start, while it cannot
+        self.error_since = 0.0
+        self.baseline: Baseline | None = read_baseline(self.db)
+        self.failing: dict[str, Failing] = {}
+        self._bytes_finished = 0
         with self.db.read() as txn:
             for key, raw in txn.cursor(db=self._table):
                 e = CatalogueEntry(bytes(key).decode(), *msgpack.unpackb(raw, raw=False))
                 node.publisher.pending[e.study_uid] = e
+        self._count_queue()
+
+    def _count_queue(self) -> None:
+        queue = self.node.publisher.pending.values()
+        self.progress.studies_total = self.progress.studies_done + len(queue)
+        self.progress.bytes_total = self._bytes_finished + sum(e.bytes for e in queue)
+
+    @property
+    def awaiting(self) -> bool:
+        """True while this archive has no baseline: its catalogue must not be published."""
+        return self.baseline is None or not self.baseline.known
 
     # --- planning -------------------------------------------------------------------------------
 
     async def plan(self) -> int:
-        """Queue every study of the site's last published catalogue that is not held here."""
+        """Find this site's past and queue every study of it that is not held here.
+
+        An archive with a baseline (enrolled here, or already holding studies) knows its past:
+        nothing to look up. A wiped one looks for its own last signed site record and fails
+        (to be retried) until one is found; finding none is never taken for a new site."""
         node = self.node
-        assert node.dht is not None
-        record: SiteRecord | None = None
-        for attempt in range(PLAN_ATTEMPTS):
-            found = await node.dht.get_detailed(SITE_NAMESPACE, node.site_hex)
-            entries = [e for e in found.entries if e.publisher == node.site_id]
-            if entries:
-                newest = max(entries, key=lambda e: e.seq)
-                record = SiteRecord.decode(newest.value)
-                break
-            if found.queried > 0:
-                break  # the nodes closest to the key answered: this site never published
-            if not node.dht.contacts() and attempt > 2:
-                break  # alone in the federation: nothing was published before
-            await asyncio.sleep(PLAN_RETRY)
         queued = 0
-        if record is not None and record.catalogue_hash:
-            catalogue = await self._catalogue(record.catalogue_hash)
-            for entry in catalogue.entries:
-                if entry.study_uid in node.publisher.pending or self._complete(entry):
-                    continue
-                self._enqueue(entry)
-                queued += 1
+        if self.awaiting:
+            found = await node.own_site_records()
+            if not found:
+                raise RecoveryError(
+                    "this site's archive is empty and no member has answered with its last "
+                    "site record yet: waiting for the other sites before publishing anything "
+                    "(a site that never held anything: start it once with 'serve --new-site')"
+                )
+            newest = max(found, key=lambda e: e.seq)
+            record = SiteRecord.decode(newest.value)
+            if record.catalogue_hash:
+                catalogue = await self._catalogue(record.catalogue_hash)
+                for entry in catalogue.entries:
+                    if entry.study_uid in node.publisher.pending or self._complete(entry):
+                        continue
+                    self._enqueue(entry)
+                    queued += 1
+            detail = f"seq {newest.seq}, catalogue {record.catalogue_hash[:16] or 'empty'}"
+            self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
+            log.info("found this site's last site record (%s)", detail)
+        self._count_queue()
         self.planned.set()
         node.publisher.site_ready.set()
         node.publisher.mark([])  # publish site/<id> now that the catalogue keeps what is queued
         if queued:
             log.warning("site %s is missing %d studies it held: recovering them", node.name, queued)
             self._wake.set()
+        self._notify()
         return queued
 
     async def _catalogue(self, h: str) -> Catalogue:
@@ -144,7 +191,12 @@ class Recovery:
         """Take a study off the queue without waiting for the delete to be durable (the loop
         keeps fetching meanwhile): after a crash a study found complete is simply taken off
         again."""
-        self.node.publisher.pending.pop(study_uid, None)
+        entry = self.node.publisher.pending.pop(study_uid, None)
+        self.failing.pop(study_uid, None)
+        self.progress.failed.pop(study_uid, None)
+        if entry is not None:
+            self.progress.studies_done += 1
+            self._bytes_finished += entry.bytes
         write = self.db.submit(lambda txn: txn.delete(study_uid.encode(), db=self._table))
         write.add_done_callback(_log_failure)
 
@@ -154,45 +206,74 @@ class Recovery:
     def pending(self) -> int:
         return len(self.node.publisher.pending)
 
+    def given_up(self, now: float | None = None) -> dict[str, str]:
+        """Queued studies that have kept failing for ``give_up`` seconds, with the last reason."""
+        now = time.time() if now is None else now
+        return {
+            uid: f.reason
+            for uid, f in self.failing.items()
+            if uid in self.node.publisher.pending and now - f.since >= self.give_up
+        }
+
+    def settled(self) -> bool:
+        """Nothing left that ``recover`` should wait for: every queued study is given up on."""
+        return self.planned.is_set() and len(self.given_up()) >= self.pending
+
     async def run(self) -> None:
         """Plan (retrying until the federation answers), then drain the queue whenever it has
-        work. A node task: it never ends the node because of a failure."""
+        work, retrying failed studies with backoff. A node task: a failure never ends it."""
         while not self.planned.is_set():
             try:
                 await self.plan()
-                self.error = ""
+                self.error, self.error_since = "", 0.0
             except Exception as exc:
+                self.error_since = self.error_since or time.time()
                 self.error = str(exc)
+                self._notify()
                 log.error("recovery cannot start yet: %s; retrying in %.0f s", exc, PLAN_BACKOFF)
                 await asyncio.sleep(PLAN_BACKOFF)
         while True:
-            if self.node.publisher.pending:
+            due = self._due()
+            if due:
                 self.idle.clear()
                 try:
-                    await self.drain()
+                    await self.drain(due)
                 except Exception:
                     log.exception("recovery pass failed; retrying")
                     await asyncio.sleep(PLAN_BACKOFF)
-                    continue
-            self.idle.set()
+                continue
+            if not self.node.publisher.pending:
+                self.idle.set()
             self._wake.clear()
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._until_next_try())
 
-    async def drain(self) -> RecoveryProgress:
-        """Fetch every queued study, newest first, ``STUDIES_AT_ONCE`` at a time: one study's
-        lookups and manifests overlap another's blobs, so the transfer never idles between
-        studies."""
+    def _due(self) -> list[CatalogueEntry]:
+        now = time.time()
+        return [
+            e
+            for e in self.node.publisher.pending.values()
+            if e.study_uid not in self.failing or self.failing[e.study_uid].next_try <= now
+        ]
+
+    def _until_next_try(self) -> float | None:
+        if not self.failing:
+            return None
+        return max(0.05, min(f.next_try for f in self.failing.values()) - time.time())
+
+    async def drain(self, entries: list[CatalogueEntry] | None = None) -> RecoveryProgress:
+        """Fetch queued studies (all by default), newest first, ``STUDIES_AT_ONCE`` at a time:
+        one study's lookups and manifests overlap another's blobs, so the transfer never idles
+        between studies."""
+        pending = self.node.publisher.pending
         queue = Catalogue.of(
-            self.node.site_hex, self.node.publisher.pending.values()
+            self.node.site_hex, pending.values() if entries is None else entries
         ).newest_first()
-        p = self.progress = RecoveryProgress(
-            studies_total=len(queue), bytes_total=sum(e.bytes for e in queue)
-        )
+        p = self.progress
         partial: dict[str, int] = {}  # bytes so far of the studies being fetched
-        finished = 0  # bytes of the studies done
 
         def update() -> None:
-            p.bytes_done = finished + sum(partial.values())
+            p.bytes_done = self._bytes_finished + sum(partial.values())
             self._notify()
 
         def on_bytes(study_uid: str) -> Callable[[int], None]:
@@ -203,46 +284,63 @@ class Recovery:
             return progress
 
         slots = asyncio.Semaphore(STUDIES_AT_ONCE)  # FIFO: studies start newest first
+        done_before = p.studies_done
 
         async def one(entry: CatalogueEntry) -> None:
-            nonlocal finished
             async with slots:
-                if entry.study_uid in self.node.publisher.pending:  # else fetched on demand
+                if entry.study_uid in pending:  # else fetched on demand meanwhile
                     p.current = entry.study_uid
                     await self._fetch(entry, on_bytes(entry.study_uid))
                 partial.pop(entry.study_uid, None)
-                finished += entry.bytes
-                p.studies_done += 1
                 update()
 
         await asyncio.gather(*(one(entry) for entry in queue))
-        p.finished = time.time()
         p.current = ""
-        self.node.publisher.mark([])
-        await self.node.publisher.publish_site()
+        if not pending:
+            p.finished = time.time()
+        if p.studies_done != done_before:  # the catalogue changed: studies came back
+            self.node.publisher.mark([])
+            await self.node.publisher.publish_site()
         self._notify()
         return p
 
     async def _fetch(self, entry: CatalogueEntry, progress: Callable[[int], None]) -> None:
-        p = self.progress
+        uid = entry.study_uid
         try:
             result = await self.node.fetch_study(
-                entry.study_uid, extra_manifests=(entry.manifest_hash,), progress=progress
+                uid, extra_manifests=(entry.manifest_hash,), progress=progress
             )
-            p.instances += result.instances
+            self.progress.instances += result.instances
             if result.complete and self._complete(entry):
-                self._done(entry.study_uid)
-            else:
-                p.failed[entry.study_uid] = f"{len(result.failed)} blobs not fetched"
+                self._done(uid)
+                return
+            reason = f"{len(result.failed)} blobs not fetched" if result.failed else "incomplete"
         except P2PacsError as exc:
-            p.failed[entry.study_uid] = str(exc)
+            reason = str(exc)
+        self._failed(uid, reason)
+
+    def _failed(self, study_uid: str, reason: str) -> None:
+        now = time.time()
+        f = self.failing.get(study_uid)
+        failures = f.failures + 1 if f else 1
+        since = f.since if f else now
+        self.failing[study_uid] = Failing(since, failures, now + retry_delay(failures), reason)
+        log.warning(
+            "recovery of study %s failed (%d in a row): %s; retrying in %.0f s",
+            study_uid, failures, reason, retry_delay(failures),
+        )  # fmt: skip
+        self.progress.failed = self.given_up(now)
+        self.progress.retrying = len(self.failing)
 
     def on_demand(self, study_uid: str) -> None:
         """A study fetched by read-through while queued is complete: take it off the queue."""
         entry = self.node.publisher.pending.get(study_uid)
         if entry is not None and self._complete(entry):
             self._done(study_uid)
+            self._notify()
 
     def _notify(self) -> None:
+        self.progress.retrying = len(self.failing)
+        self.changed.set()
         for listener in list(self.listeners):
             listener(self.progress)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dht import DhtNode, LocalProtocolError, LookupFailedError
+from dht import DhtNode, LocalProtocolError, LookupFailedError, RecordError
 from dht.membership import FederationCA
 
 from dht_helpers import make_identity, network
@@ -160,3 +160,24 @@ async def test_a_dead_contact_costs_one_timeout_not_one_per_lookup(ca: Federatio
         assert await a.put("study", "y", b"w", 600) == 3
     finally:
         await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+
+
+async def test_own_record_opens_elsewhere_and_past_its_expiry(ca: FederationCA) -> None:
+    """What a member keeps of a site's record verifies at any node, also after it lapsed."""
+    async with network(ca, 2) as (a, b):
+        assert a.own_record("site", a.site_id.hex()) is None
+        await a.put("site", a.site_id.hex(), b"catalogue-1", 1.0)
+        raw = a.own_record("site", a.site_id.hex())
+        assert raw is not None
+        entry = b.open_record("site", a.site_id.hex(), raw)
+        assert (entry.publisher, entry.value) == (a.site_id, b"catalogue-1")
+        with pytest.raises(RecordError, match="another key"):
+            b.open_record("site", b.site_id.hex(), raw)
+        with pytest.raises(RecordError):
+            b.open_record("site", a.site_id.hex(), raw[:-1] + bytes([raw[-1] ^ 1]))
+        deadline = time.time() + 5
+        while time.time() < entry.expires_at and time.time() < deadline:
+            await asyncio.sleep(0.1)
+        with pytest.raises(RecordError, match="expired"):
+            b.open_record("site", a.site_id.hex(), raw)
+        assert b.open_record("site", a.site_id.hex(), raw, allow_expired=True).seq == entry.seq

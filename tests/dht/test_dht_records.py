@@ -174,3 +174,16 @@ def test_other_key_type_rejected(ca: FederationCA) -> None:
     )
     with pytest.raises(RecordError, match="signature"):
         verify_record(record, CertVerifier(ca.federation.ca_cert), NOW)
+
+
+def test_expired_record_accepted_only_when_allowed(ca: FederationCA) -> None:
+    """A site reading back its own last record from a member's copy after a long outage."""
+    ident = make_identity(ca, "long-outage")
+    verifier = CertVerifier(ca.federation.ca_cert)
+    old = build(ident, ca, seq=3, ttl=-3600)  # lapsed an hour ago
+    with pytest.raises(RecordError, match="expired"):
+        verify_record(old, verifier, NOW)
+    assert verify_record(old, verifier, NOW, allow_expired=True).site_id == ident.site_id
+    forged = replace(old, seq=4)  # the signature still guards every field
+    with pytest.raises(RecordError, match="signature"):
+        verify_record(forged, verifier, NOW, allow_expired=True)

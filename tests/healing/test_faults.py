@@ -118,13 +118,14 @@ def test_corrupt_blob_repaired_by_scrub(testbed: Testbed, fault_instances: list[
     assert corrupted
 
 
-def corrupt_one_blob(site_dir: Path) -> str:
-    """Flip a byte of one stored instance blob, below the store's API, as disk rot would."""
+def corrupt_one_blob(site_dir: Path, study_uid: str | None = None) -> str:
+    """Flip a byte of one stored instance blob (the first of ``study_uid``, or of the first
+    study), below the store's API, as disk rot would."""
     from p2pacs.site import Site
 
     with Site.open(site_dir).archive() as archive:
-        study = next(iter(archive.index.studies()))
-        h = archive.index.study_instances(study.study_uid)[0].current.hash
+        study = study_uid or next(iter(archive.index.studies())).study_uid
+        h = archive.index.study_instances(study)[0].current.hash
         digest = bytes.fromhex(h)
         chunks = archive.db.db("chunks")
 
