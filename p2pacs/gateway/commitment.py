@@ -65,16 +65,25 @@ class CommitmentHandler:
         self.reports_sent = 0
 
     def __call__(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """N-ACTION: 0x0000 once the request is taken (the outcome follows by N-EVENT-REPORT),
+        0x0110 when it cannot be; never an exception into pynetdicom."""
+        try:
+            return self._take(event)
+        except Exception:
+            log.exception("storage commitment request failed unexpectedly")
+            return status.PROCESSING_FAILURE, None
+
+    def _take(self, event: evt.Event) -> tuple[int, Dataset | None]:
         if event.action_type != 1:
             return status.NO_SUCH_ACTION_TYPE, None
-        info = event.action_information
         try:
+            info = event.action_information
             transaction = str(info.TransactionUID)
             refs = [
                 (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
                 for item in info.ReferencedSOPSequence
             ]
-        except (AttributeError, TypeError, ValueError) as exc:
+        except Exception as exc:  # the requestor's dataset, decoded lazily (OSError, ValueError...)
             log.warning("malformed storage commitment request: %s", exc)
             return status.PROCESSING_FAILURE, None
         requestor = event.assoc.requestor.ae_title.strip()
@@ -87,11 +96,24 @@ class CommitmentHandler:
         return status.SUCCESS, None
 
     def _report(self, requestor: str, transaction: str, refs: list[tuple[str, str]]) -> None:
+        """The worker thread: check, then report. It never raises: an exception would end the
+        thread with nothing in the log."""
         try:
-            result = self.check(refs, self.timeout)
+            self._send(requestor, self._outcome(transaction, refs))
+        except Exception:
+            log.exception("storage commitment %s: cannot report to %s", transaction, requestor)
+
+    def _outcome(self, transaction: str, refs: list[tuple[str, str]]) -> Dataset:
+        """The N-EVENT-REPORT Event Information (PS3.4 J.3.3); every reference failed with
+        0x0110 when the check raises or answers something that is not a result."""
+        try:
+            return _event_information(transaction, self.check(refs, self.timeout))
         except Exception:
             log.exception("storage commitment check failed")
-            result = CommitmentResult(failed=[(c, s, status.PROCESSING_FAILURE) for c, s in refs])
+            failed = [(c, s, status.PROCESSING_FAILURE) for c, s in refs]
+            return _event_information(transaction, CommitmentResult(failed=failed))
+
+    def _send(self, requestor: str, ds: Dataset) -> None:
         address = self.config.destinations.get(requestor)
         if address is None:
             log.error(
@@ -103,18 +125,7 @@ class CommitmentHandler:
         except ConfigError as exc:
             log.error("bad destination for %s: %s", requestor, exc)
             return
-        ds = Dataset()
-        ds.TransactionUID = transaction
-        if result.committed:
-            ds.ReferencedSOPSequence = [_ref(c, s) for c, s in result.committed]
-        if result.failed:
-            items = []
-            for c, s, reason in result.failed:
-                item = _ref(c, s)
-                item.FailureReason = reason
-                items.append(item)
-            ds.FailedSOPSequence = items
-        event_type = 2 if result.failed else 1
+        event_type = 2 if "FailedSOPSequence" in ds else 1
         ae = AE(ae_title=self.config.ae_title)
         ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
         assoc = ae.associate(
@@ -134,13 +145,28 @@ class CommitmentHandler:
             self.reports_sent += 1
             log.info(
                 "storage commitment %s: %d committed, %d failed (reply 0x%04X)",
-                transaction,
-                len(result.committed),
-                len(result.failed),
+                ds.TransactionUID,
+                len(ds.get("ReferencedSOPSequence", [])),
+                len(ds.get("FailedSOPSequence", [])),
                 int(getattr(rsp, "Status", 0xFFFF)),
             )
         finally:
             assoc.release()
+
+
+def _event_information(transaction: str, result: CommitmentResult) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction
+    if result.committed:
+        ds.ReferencedSOPSequence = [_ref(c, s) for c, s in result.committed]
+    if result.failed:
+        items = []
+        for c, s, reason in result.failed:
+            item = _ref(c, s)
+            item.FailureReason = reason
+            items.append(item)
+        ds.FailedSOPSequence = items
+    return ds
 
 
 def _ref(sop_class: str, sop_uid: str) -> Dataset:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
@@ -17,7 +17,7 @@ from p2pacs.errors import P2PacsError
 from p2pacs.gateway import status
 from p2pacs.index import DicomIndex
 
-__all__ = ["FindHandler", "Query", "parse_identifier"]
+__all__ = ["FindHandler", "Query", "answering", "parse_identifier"]
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +111,55 @@ def _wait_for_sender(event: evt.Event) -> None:
         time.sleep(0.0005)
 
 
+def answering(
+    logger: logging.Logger,
+    service: str,
+    handler: Generator[Any, None, None],
+    prefix: Sequence[Any] = (),
+) -> Iterator[Any]:
+    """Yield what a C-FIND/C-MOVE/C-GET ``handler`` yields; if it raises, end with 0xC001.
+
+    An exception never reaches pynetdicom (it would answer with a code of its own and log the
+    traceback in its own logger): a ``P2PacsError`` is logged as an error, anything else with
+    its traceback, and the request ends with "Unable to process" (PS3.4 C.4.1.1.4, C.4.2.1.4,
+    C.4.3.1.4). ``prefix`` is what pynetdicom reads before any status (C-GET: the number of
+    sub-operations; C-MOVE: the destination, then that number): whatever part of it the
+    handler had not yielded yet goes out first, so the status still reaches the requestor.
+    """
+    sent = 0
+    try:
+        for item in handler:
+            yield item
+            sent += 1
+    except P2PacsError as exc:
+        logger.error("%s failed: %s", service, exc)
+    except Exception:
+        logger.exception("%s failed unexpectedly", service)
+    else:
+        return
+    finally:
+        handler.close()  # pynetdicom may stop early: let the handler end its index reads now
+    yield from prefix[sent:]
+    yield status.UNABLE_TO_PROCESS, None
+
+
 class FindHandler:
     def __init__(self, index: DicomIndex):
         self.index = index
 
     def __call__(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        return answering(log, "C-FIND", self._find(event))
+
+    def _find(self, event: evt.Event) -> Generator[tuple[int, Dataset | None], None, None]:
         try:
             level, query = parse_identifier(event.identifier)
-        except Exception as exc:
+        except Exception as exc:  # the requestor's identifier, decoded lazily by pydicom
             log.warning("C-FIND with a bad identifier: %s", exc)
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
-        try:
-            for record in self.index.find(level, query):
-                _wait_for_sender(event)
-                if event.is_cancelled:
-                    yield status.CANCEL, None
-                    return
-                yield status.PENDING, _response(level, query, record)
-        except P2PacsError as exc:
-            log.error("C-FIND failed: %s", exc)
-            yield status.UNABLE_TO_PROCESS, None
+        for record in self.index.find(level, query):
+            _wait_for_sender(event)
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, _response(level, query, record)

@@ -10,11 +10,12 @@ sub-operation failure, never a transcoded or corrupt file.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import build_context, evt
+from pynetdicom.presentation import PresentationContext
 
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig, parse_hostport
@@ -23,7 +24,7 @@ from p2pacs.dicom.scu import association_handlers
 from p2pacs.dicom.uids import VERIFICATION
 from p2pacs.errors import ConfigError, P2PacsError
 from p2pacs.gateway import status
-from p2pacs.gateway.find import parse_identifier
+from p2pacs.gateway.find import Query, answering, parse_identifier
 from p2pacs.gateway.rawsend import StoredInstance, install
 from p2pacs.index import InstanceRecord
 
@@ -47,9 +48,9 @@ class RetrieveHandlers:
         self.config = config
         self.ensure_local = ensure_local
 
-    def _matches(self, identifier: Dataset) -> list[InstanceRecord]:
-        level, query = parse_identifier(identifier)
-        studies = query.get("StudyInstanceUID")
+    def _matches(self, unique: Query) -> list[InstanceRecord]:
+        """The instances matching ``unique``, after reading the studies it names through."""
+        studies = unique.get("StudyInstanceUID")
         uids = studies if isinstance(studies, list) else [studies] if studies else []
         if self.ensure_local is not None and uids:
             try:
@@ -58,9 +59,6 @@ class RetrieveHandlers:
                 log.warning("read-through for %s failed: %s", uids, exc)
             except Exception:
                 log.exception("read-through failed")
-        unique = {k: v for k, v in query.items() if v not in ("", None)}
-        if not unique:
-            raise ValueError(f"a {level.value} retrieve needs at least one unique key")
         records = []
         seen = set()
         for row in self.archive.index.find(Level.IMAGE, unique):
@@ -91,49 +89,57 @@ class RetrieveHandlers:
                 log.error("cannot send %s: %s", rec.sop_uid, exc)
                 yield status.PENDING, None  # counted as a failed sub-operation
 
-    def on_get(self, event: evt.Event) -> Iterator[tuple[int, Any] | int]:
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        # pynetdicom wants the sub-operation count first; a failure status yielded right after
+        # it ends the C-GET with that status (0 would mean "success, nothing matched")
+        return answering(log, "C-GET", self._get(event), prefix=[1])
+
+    def _get(self, event: evt.Event) -> Generator[Any, None, None]:
         try:
-            records = self._matches(event.identifier)
-        except Exception as exc:
+            unique = _unique_keys(event.identifier)
+        except Exception as exc:  # the requestor's identifier, decoded lazily by pydicom
             log.warning("C-GET refused: %s", exc)
-            # pynetdicom wants the sub-operation count first; a failure status yielded right
-            # after it ends the C-GET with that status (0 would mean "success, nothing matched")
             yield 1
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
+        records = self._matches(unique)
         yield len(records)
         yield from self._datasets(records, event)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         destination = str(event.move_destination).strip()
-        address = self.config.destinations.get(destination)
+        address = self._destination(destination)
         if address is None:
-            log.warning("C-MOVE to unknown destination %r", destination)
-            yield None, None
-            return
+            return iter([(None, None)])  # 0xA801, Move Destination unknown
+        # pynetdicom takes the destination, then the sub-operation count, then statuses, and
+        # opens the association to the destination before reading the first status: to refuse,
+        # give it Verification only, so the failure status reaches the requestor
+        refusal = (*address, _association([build_context(VERIFICATION)]))
+        return answering(log, "C-MOVE", self._move(event, address, refusal), prefix=[refusal, 1])
+
+    def _destination(self, aet: str) -> tuple[str, int] | None:
+        address = self.config.destinations.get(aet)
+        if address is None:
+            log.warning("C-MOVE to unknown destination %r", aet)
+            return None
         try:
-            host, port = parse_hostport(address)
-        except ConfigError:
-            yield None, None
-            return
+            return parse_hostport(address)
+        except ConfigError as exc:
+            log.error("C-MOVE to %r: bad destination address: %s", aet, exc)
+            return None
+
+    def _move(
+        self, event: evt.Event, address: tuple[str, int], refusal: tuple[Any, ...]
+    ) -> Generator[Any, None, None]:
         try:
-            records = self._matches(event.identifier)
-        except Exception as exc:
+            unique = _unique_keys(event.identifier)
+        except Exception as exc:  # the requestor's identifier, decoded lazily by pydicom
             log.warning("C-MOVE refused: %s", exc)
-            # pynetdicom takes the destination, then the sub-operation count, then statuses, and
-            # opens the association to the destination before reading the first status: give it
-            # Verification only, so the failure status reaches the requestor as 0xA900
-            yield (
-                host,
-                port,
-                {
-                    "contexts": [build_context(VERIFICATION)],
-                    "evt_handlers": association_handlers(),
-                },
-            )
+            yield refusal
             yield 1
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
+        records = self._matches(unique)
         # one context per (SOP class, transfer syntax): the destination accepts one syntax per
         # context, and each instance must go in the syntax it was stored in
         pairs = sorted({(r.sop_class_uid, r.current.transfer_syntax) for r in records})
@@ -141,14 +147,20 @@ class RetrieveHandlers:
         # Verification keeps the association up when the destination accepts none of the stored
         # syntaxes, so those instances count as failed sub-operations instead of 0xA801
         contexts.append(build_context(VERIFICATION))
-        yield (
-            host,
-            port,
-            {
-                "contexts": contexts,
-                "evt_handlers": association_handlers(),
-                "max_pdu": self.config.max_pdu,
-            },
-        )
+        yield (*address, _association(contexts, max_pdu=self.config.max_pdu))
         yield len(records)
         yield from self._datasets(records, event)
+
+
+def _association(contexts: list[PresentationContext], **kw: Any) -> dict[str, Any]:
+    """``AE.associate`` arguments for the association to a C-MOVE destination."""
+    return {"contexts": contexts, "evt_handlers": association_handlers(), **kw}
+
+
+def _unique_keys(identifier: Dataset) -> Query:
+    """The keys of a retrieve identifier that name what to retrieve (one at least)."""
+    level, query = parse_identifier(identifier)
+    unique: Query = {k: v for k, v in query.items() if v not in ("", None)}
+    if not unique:
+        raise ValueError(f"a {level.value} retrieve needs at least one unique key")
+    return unique
