@@ -186,6 +186,7 @@ class SiteNode:
                 "error": rec.error,
             },
             "dht": dict(fed.dht.stats) if fed.dht is not None else {},
+            "instance_blobs_fetched": fed.instance_blobs_fetched,
         }
         return out
 

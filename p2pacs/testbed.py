@@ -83,9 +83,10 @@ class SiteProcess:
     def site(self) -> Site:
         return Site.open(self.path)
 
-    def start(self, *args: str) -> None:
-        """Start ``p2pacs serve`` (or another command) and wait for its ready line."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def start(self, *args: str, env: Mapping[str, str] | None = None) -> None:
+        """Start ``p2pacs serve`` (or another command) and wait for its ready line; ``env``
+        adds to the environment (e.g. ``P2PACS_FAILPOINTS``)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         log_file = self.log_path.open("ab")
         cmd = [
             *self.prefix,

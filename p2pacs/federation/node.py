@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from dht import DhtError, DhtNode, Entry, RecordError
 from dht.const import REPUBLISH_INTERVAL
+from p2pacs import failpoints
 from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
 from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
@@ -106,6 +107,7 @@ class FederationNode:
         self._study_locks: dict[str, asyncio.Lock] = {}
         self._extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
+        self.instance_blobs_fetched = 0  # by study fetches since start (status, resume tests)
         self.ready = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -215,6 +217,7 @@ class FederationNode:
 
     async def _dht_put(self, namespace: str, key: str, value: bytes, ttl: float) -> int:
         assert self.dht is not None
+        await failpoints.async_hit("dht.put", FederationError)
         return await self.dht.put(namespace, key, value, ttl)
 
     def _on_ingest_thread(self, ingested: Any) -> None:
@@ -486,6 +489,7 @@ class FederationNode:
                 store=self._store_and_index(todo),
             )
             result.blobs += report.fetched
+            self.instance_blobs_fetched += report.fetched
             result.bytes += report.bytes
             result.failed.update(report.failed)
         for e in todo:

@@ -13,8 +13,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
+from p2pacs import failpoints
 from p2pacs.archive import Archive
 from p2pacs.const import RECORD_TTL
+from p2pacs.errors import FederationError
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
     STUDY_NAMESPACE,
@@ -116,6 +118,7 @@ class Publisher:
         from replacing its catalogue with an empty one."""
         if not self.site_ready.is_set():
             return
+        await failpoints.async_hit("catalogue.publish", FederationError)
         merged = {**self.entries, **self.pending}  # a study being restored keeps its old entry
         catalogue = Catalogue.of(self.site_hex, merged.values())
         self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgpack
 
+from p2pacs import failpoints
 from p2pacs.errors import P2PacsError, RecoveryError
 from p2pacs.federation.catalogue import Catalogue, CatalogueEntry, SiteRecord
 from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read_baseline
@@ -307,6 +308,7 @@ class Recovery:
     async def _fetch(self, entry: CatalogueEntry, progress: Callable[[int], None]) -> None:
         uid = entry.study_uid
         try:
+            await failpoints.async_hit("recovery.study", RecoveryError)
             result = await self.node.fetch_study(
                 uid, extra_manifests=(entry.manifest_hash,), progress=progress
             )

@@ -17,7 +17,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from p2pacs.errors import P2PacsError
+from p2pacs import failpoints
+from p2pacs.errors import P2PacsError, ReplicationError
 from p2pacs.federation.node import FederationNode
 from p2pacs.healing.placement import RepairPlan, plan_repairs
 
@@ -147,6 +148,7 @@ class Healer:
             try:
                 if self.node.held(uid) and uid not in await self._incomplete([uid]):
                     continue
+                await failpoints.async_hit("repair.pull", ReplicationError)
                 result = await self.node.fetch_study(uid)
                 if result.complete:
                     self.stats.pulls_done += 1

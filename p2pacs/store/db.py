@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from p2pacs import const
+from p2pacs import const, failpoints
 from p2pacs.errors import StoreError, StoreFullError
 
 __all__ = ["SiteDB", "WriteJob"]
@@ -147,6 +147,11 @@ class SiteDB:
         if not live:
             return
         results: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            failpoints.hit("store.commit", StoreError)
+        except StoreError as exc:
+            self._fail(live, exc)
+            return
         try:
             with self.env.begin(write=True) as txn:
                 for job in live:

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from dht.membership import Federation, Identity
+from p2pacs import failpoints
 from p2pacs.errors import (
     IntegrityError,
     MembershipError,
@@ -208,6 +209,7 @@ class PeerClient:
         Returns the peer that supplied it (None if it was already stored)."""
         if blobs.has(h):
             return None
+        await failpoints.async_hit("transfer.receive", PeerUnavailableError)
         errors = []
         if size is not None and size > SMALL_BLOB and len(holders) > 1:
             try:
@@ -453,6 +455,7 @@ class PeerClient:
                     outcome[h] = exc
 
         try:
+            await failpoints.async_hit("transfer.receive", PeerUnavailableError)
             async with self.session.post(
                 f"{peer.url}/v1/blobs/batch", json=[h for h, _ in wanted]
             ) as resp:

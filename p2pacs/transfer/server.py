@@ -22,7 +22,7 @@ import blake3
 from aiohttp import web
 
 from dht.membership import Federation, Identity
-from p2pacs import __version__
+from p2pacs import __version__, failpoints
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, MembershipError, TransferError
 from p2pacs.store import BlobStore
 from p2pacs.transfer.tls import peer_site_id, server_context
@@ -144,7 +144,15 @@ class TransferServer:
         missing = set(await asyncio.to_thread(self.blobs.missing, hashes))
         return web.json_response([h for h in hashes if h not in missing])
 
+    @staticmethod
+    async def _failpoint() -> None:
+        try:
+            await failpoints.async_hit("transfer.send")
+        except failpoints.FailpointError as exc:
+            raise web.HTTPServiceUnavailable(text=str(exc)) from None
+
     async def _blob(self, request: web.Request) -> web.StreamResponse:
+        await self._failpoint()
         h = request.match_info["hash"]
         if not _HASH.match(h):
             raise web.HTTPBadRequest(text="a blob is addressed by 64 lowercase hex characters")
@@ -173,6 +181,7 @@ class TransferServer:
         return response
 
     async def _batch(self, request: web.Request) -> web.StreamResponse:
+        await self._failpoint()
         try:
             hashes = [str(h) for h in await request.json()]
         except (ValueError, TypeError):

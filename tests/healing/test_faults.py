@@ -7,12 +7,12 @@ with what was sent) and re-hashing every stored blob.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from p2pacs.dicom.scu import store_files
+from p2pacs.samples import generate_instances
 from p2pacs.testbed import Testbed, wait_for
 
 from fault_helpers import (
@@ -52,20 +52,38 @@ def test_sigkill_during_ingest_keeps_every_acknowledged_instance(
     scrub_clean(clinic)
 
 
-def test_wiped_site_recovers_and_resumes_after_sigkill(
-    testbed: Testbed, fault_instances: list[Path]
-) -> None:
+def test_wiped_site_recovers_and_resumes_after_sigkill(testbed: Testbed, tmp_path: Path) -> None:
+    """Killed after some but not all studies are back, the recovery resumes and fetches none
+    of what it already stored again."""
+    files = generate_instances(
+        tmp_path / "resume", studies=8, series_per_study=1, instances_per_series=2,
+        rows=64, columns=64, seed=11,
+    )  # fmt: skip
     clinic = testbed["clinic-a"]
-    stored, studies = ingest_replicated(clinic, fault_instances)
+    stored, studies = ingest_replicated(clinic, files)
     clinic.kill()
     clinic.wipe()
-    clinic.start()  # serve resumes recovery on its own; kill it part-way, then again to the end
-    time.sleep(0.5)
+    # each study takes a second (queue and anti-entropy alike): studies come back a few at a
+    # time, so there is a moment with some but not all back
+    clinic.start(env={"P2PACS_FAILPOINTS": "recovery.study=delay:1.0,repair.pull=delay:1.0"})
+
+    def partial() -> bool:
+        return 0 < clinic.status()["studies"] < len(studies)
+
+    assert wait_for(partial, 60, 0.05)
     clinic.kill()
+    with clinic.site.archive() as archive:
+        held_before = archive.index.counts()[2]  # instances
+        back = sum(1 for uid in studies if archive.index.study(uid) is not None)
+    assert 0 < back < len(studies)
     clinic.start()
     done = clinic.run_cli("recover", timeout=180)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert clinic.status()["federation"]["recovery_pending"] == 0
+    status = clinic.status()
+    assert status["federation"]["recovery_pending"] == 0
+    # every instance fetched after the restart was new here: nothing stored was fetched again
+    assert status["instances"] == len(stored)
+    assert status["federation"]["instance_blobs_fetched"] == len(stored) - held_before
     assert lost_at(clinic, studies, originals(stored)) == []
     scrub_clean(clinic)
 
