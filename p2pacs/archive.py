@@ -20,6 +20,7 @@ import lmdb
 
 from p2pacs import const
 from p2pacs.dicom import build_prefix, extract_attributes, split_part10
+from p2pacs.dicom.validate import plain_dataset, validate_dataset
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
 from p2pacs.store import BlobStore, SiteDB, hash_bytes
@@ -82,12 +83,19 @@ class Archive:
         received: float | None = None,
         hashed: str | None = None,
     ) -> Future[Ingested]:
-        """Parse the header and hash here (the caller's thread), then queue the durable write.
+        """Check the structure, parse the header and hash here (the caller's thread), then queue
+        the durable write.
 
+        Every way in (C-STORE, import, instances fetched from peers) comes through here, so
+        nothing structurally broken is ever stored: ``validate_dataset`` walks every element,
+        item and delimiter to the last byte before anything else reads the dataset.
         ``hashed``: the dataset's hash, already verified by the caller (a fetched instance).
-        Raises ``InvalidDicomError`` at once for bytes that are not an archivable dataset.
+        Raises ``InvalidDicomError`` (``MalformedDatasetError`` for a broken structure) at once
+        for bytes that are not an archivable dataset.
         """
-        attrs = extract_attributes(dataset, transfer_syntax)
+        plain, plain_syntax = plain_dataset(dataset, transfer_syntax)  # inflated once, if at all
+        validate_dataset(plain, plain_syntax)
+        attrs = extract_attributes(plain, plain_syntax)
         h = hash_bytes(dataset) if hashed is None else hashed
         sop_class = str(attrs["SOPClassUID"])
         if prefix is None:

@@ -16,6 +16,7 @@ __all__ = [
     "IdentityError",
     "IntegrityError",
     "InvalidDicomError",
+    "MalformedDatasetError",
     "MembershipError",
     "P2PacsError",
     "PeerUnavailableError",
@@ -56,6 +57,11 @@ class CorruptBlobError(StoreError):
 
 class InvalidDicomError(P2PacsError):
     """The bytes are not a DICOM dataset p2pacs can index."""
+
+
+class MalformedDatasetError(InvalidDicomError):
+    """The dataset is not structurally whole (an element, item or delimiter is cut short, runs
+    past its container or is missing); the message says at which byte and tag it broke."""
 
 
 class DicomIndexError(P2PacsError):

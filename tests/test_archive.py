@@ -2,9 +2,11 @@
 
 What was found and is pinned here:
 - Every file of pydicom's test folder that pydicom itself reads (even with ``force=True``, i.e.
-  bare datasets without file meta) with the four unique keys is archived; every other file
-  (DICOMDIRs, JSON, ICC profiles, a gzip, meta without transfer syntax, datasets lacking UIDs)
-  raises ``InvalidDicomError`` and nothing else.
+  bare datasets without file meta) with the four unique keys is archived, but for the three
+  that are structurally broken (cut short, or encoded in another syntax than their file meta
+  says: ``PYDICOM_BROKEN`` in conftest.py), which ``MalformedDatasetError`` refuses; every
+  other file (DICOMDIRs, JSON, ICC profiles, a gzip, meta without transfer syntax, datasets
+  lacking UIDs) raises ``InvalidDicomError`` and nothing else.
 - Export gives back every imported file byte for byte.
 - Duplicates (one SOP Instance UID, different bytes: pydicom ships MR_small in many transfer
   syntaxes under one UID) are never dropped: every distinct dataset is kept as a version and the
@@ -16,6 +18,7 @@ What was found and is pinned here:
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -24,9 +27,9 @@ import pytest
 
 from p2pacs import const
 from p2pacs.archive import Archive
-from p2pacs.dicom import split_part10
+from p2pacs.dicom import build_prefix, split_part10
 from p2pacs.dicom.part10 import build_prefix_pydicom
-from p2pacs.errors import InvalidDicomError, StoreError
+from p2pacs.errors import InvalidDicomError, MalformedDatasetError, StoreError
 from p2pacs.store import hash_bytes
 
 ARCHIVE_KEYS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -91,10 +94,18 @@ def _check_round_trip(archive: Archive, accepted: list[Path], out: Path) -> None
 
 
 def test_pydicom_files_import_and_round_trip(
-    archive: Archive, pydicom_all_files: list[Path], tmp_path: Path
+    archive: Archive,
+    pydicom_all_files: list[Path],
+    pydicom_broken: dict[Path, str],
+    tmp_path: Path,
 ) -> None:
     accepted, rejected = _import_all(archive, pydicom_all_files)
-    assert accepted == [p for p in pydicom_all_files if _pydicom_archivable(p)]
+    archivable = [p for p in pydicom_all_files if _pydicom_archivable(p)]
+    assert set(pydicom_broken) <= set(archivable)
+    assert accepted == [p for p in archivable if p not in pydicom_broken]
+    for path in pydicom_broken:
+        with pytest.raises(MalformedDatasetError):
+            archive.import_file(path)
     names = {p.name for p in rejected}
     assert {"README.txt", "DICOMDIR", "meta_missing_tsyntax.dcm", "test1.json"} <= names
     assert "ExplVR_BigEndNoMeta.dcm" not in names  # a bare big-endian dataset is archivable
@@ -199,7 +210,23 @@ def test_bad_files_are_refused(archive: Archive, generated_dir: Path, tmp_path: 
     meta_only.write_bytes(split_part10(real).prefix)
     empty = tmp_path / "empty.dcm"
     empty.write_bytes(b"")
-    for path in (text, broken, truncated, meta_only, empty, tmp_path / "missing.dcm"):
+    part = split_part10(real)
+    (group_length,) = struct.unpack_from("<I", part.prefix, 140)  # (0002,0000) UL, at 132
+    long_meta = tmp_path / "long-meta.dcm"  # file meta says it is 2 bytes longer than it is
+    long_meta.write_bytes(
+        part.prefix[:140] + struct.pack("<I", group_length + 2) + part.prefix[144:] + part.dataset
+    )
+    ds = pydicom.dcmread(io.BytesIO(real), stop_before_pixels=True)
+    bad_syntax = tmp_path / "bad-syntax.dcm"
+    bad_syntax.write_bytes(
+        build_prefix(str(ds.SOPClassUID), str(ds.SOPInstanceUID), "1.2.3.4.5") + part.dataset
+    )
+    cut_pixels = tmp_path / "cut-pixels.dcm"
+    cut_pixels.write_bytes(real[: len(real) // 2])
+    for path in (long_meta, cut_pixels):
+        with pytest.raises(MalformedDatasetError):
+            archive.import_file(path)
+    for path in (text, broken, truncated, meta_only, empty, bad_syntax, tmp_path / "missing.dcm"):
         with pytest.raises(InvalidDicomError):
             archive.import_file(path)
     assert archive.index.counts() == (0, 0, 0)

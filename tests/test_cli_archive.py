@@ -86,6 +86,25 @@ def test_import_ls_show_export_verify(
     assert code == 0 and f"all {len(good)} blob(s)" in out
 
 
+def test_import_refuses_a_file_cut_short(
+    tmp_path: Path, generated_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file cut inside its Pixel Data (the header whole: pydicom reads it) is not imported."""
+    site_dir = tmp_path / "site"
+    assert main(["--site", str(site_dir), "init"]) == 0
+    real = sorted(generated_dir.glob("*.dcm"))[0].read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(real[: len(real) // 2])
+    assert pydicom.dcmread(cut, stop_before_pixels=True).SOPInstanceUID
+    code, out, err = _run(capsys, "--site", str(site_dir), "-q", "import", str(cut))
+    assert code == 1
+    assert "imported 0 file(s)" in out and "1 skipped" in out
+    assert "cut.dcm" in err and "(7FE0,0010)" in err and "runs past the end" in err
+    with Site.open(site_dir).archive() as arc:
+        assert arc.index.counts() == (0, 0, 0)
+        assert arc.blobs.totals() == (0, 0)
+
+
 def test_verify_reports_a_corrupt_blob(
     tmp_path: Path, generated_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,13 +25,15 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from p2pacs.errors import InvalidDicomError
+from p2pacs.dicom.validate import syntax_encoding
+from p2pacs.errors import InvalidDicomError, MalformedDatasetError
 
 __all__ = ["Part10", "build_prefix", "build_prefix_pydicom", "split_part10"]
 
 _PREAMBLE = 128  # bytes before the "DICM" magic (PS3.10 section 7.1)
 _IMPLEMENTATION_VERSION = "P2PACS_010"  # (0002,0013), at most 16 characters
 _PREFIX_HEAD = b"\x00" * _PREAMBLE + b"DICM"
+_GROUP_LENGTH_SIZE = 12  # (0002,0000) UL element: tag 4 + VR 2 + length 2 + value 4 (PS3.10 7.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +50,13 @@ def split_part10(data: bytes) -> Part10:
 
     A file without preamble or file meta is accepted as a bare dataset: its prefix is empty and
     its transfer syntax is detected (implicit or explicit VR little endian), as pydicom does.
+    Refused (``InvalidDicomError``): unreadable file meta, file meta whose group length
+    (0002,0000) does not end where the meta elements end, a missing or unknown transfer syntax.
     """
     fp = io.BytesIO(data)
     try:
         preamble = read_preamble(fp, force=True)
+        meta_start = fp.tell()
         meta = _read_file_meta_info(fp)
     except (
         PydicomInvalidDicomError,
@@ -65,11 +70,21 @@ def split_part10(data: bytes) -> Part10:
     start = fp.tell()
     if start >= len(data):
         raise InvalidDicomError("the file holds file meta but no dataset")
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is not None and (
+        not isinstance(group_length, int) or meta_start + _GROUP_LENGTH_SIZE + group_length != start
+    ):
+        raise MalformedDatasetError(
+            f"file meta group length (0002,0000) is {group_length!r}: it does not end the meta "
+            f"elements, which end at byte {start} ({start - meta_start - _GROUP_LENGTH_SIZE} "
+            f"bytes after it)"
+        )
     ts = str(meta.get("TransferSyntaxUID", "") or "")
     if not ts:
         if preamble is not None:
             raise InvalidDicomError("file meta has no (0002,0010) Transfer Syntax UID")
         ts = _guess_bare_syntax(data[start : start + 8])
+    syntax_encoding(ts)  # raises for a UID that is not a known transfer syntax
     return Part10(prefix=data[:start], dataset=memoryview(data)[start:], transfer_syntax=ts)
 
 
