@@ -23,13 +23,14 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/p2pacs demo
 
-## Install test dependencies (Python extras, Debian's dcmtk and orthanc) and run lint, types and tests.
+## Install test dependencies (Python extras, Debian's dcmtk, orthanc, faketime) and run lint, types and tests.
 test: $(TEST_STAMP) debs lint typecheck pytest
 
 debs:
 	@missing=""; \
 	[ -x /usr/bin/storescu ] || missing="$$missing dcmtk"; \
 	[ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

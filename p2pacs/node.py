@@ -156,11 +156,17 @@ class SiteNode:
                 "last_seen_s": round(now - m.last_seen, 1) if m.last_seen else None,
                 "address": f"{m.record.host}:{m.record.transfer_port}",
                 "studies": m.record.studies,
+                "clock_offset_s": (
+                    round(fed.clock_offsets[m.site_id], 1)
+                    if m.site_id in fed.clock_offsets
+                    else None
+                ),
             }
             for m in sorted(fed.members, key=lambda m: m.name)
         ]
         stats = self.healer.stats
         rec = self.recovery
+        clock = fed.clock()
         out["federation"] = {
             "site_id": fed.site_hex,
             "replication": fed.config.replication,
@@ -173,6 +179,11 @@ class SiteNode:
             "pulls_done": stats.pulls_done,
             "pulls_failed": stats.pulls_failed,
             "catalogue": fed.publisher.catalogue_hash,
+            "clock": {
+                "offset_s": None if clock.offset is None else round(clock.offset, 1),
+                "members": clock.members,
+                "off": clock.off,
+            },
             "recovery_pending": rec.pending,
             "recovery": {
                 "studies_total": rec.progress.studies_total,

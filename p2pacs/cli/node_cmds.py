@@ -88,6 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  repairs: {fed['pulls_done']} done, {fed['pulls_failed']} failed, last "
             + (f"{time.time() - last:.0f} s ago" if last else "never")
         )
+        clock = fed["clock"]
+        if clock["off"]:
+            console.print(
+                f"  [red]clock off[/]: the members' clocks differ from this one by "
+                f"{clock['offset_s']:+.0f} s (beyond the DHT's 30 s window): check NTP"
+            )
         rec = fed["recovery"]
         if rec["awaiting_record"]:
             console.print(

@@ -22,9 +22,28 @@ import msgpack
 from p2pacs.federation.catalogue import SiteRecord
 from p2pacs.store import SiteDB
 
-__all__ = ["Member", "MemberTable"]
+__all__ = ["ClockVerdict", "Member", "MemberTable", "clock_verdict"]
 
 SEEN_PERSIST = 30.0  # seconds between writes of a member's last_seen (heartbeats are ~1 s)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockVerdict:
+    """How this site's clock compares with its live members' (from heartbeat round trips)."""
+
+    offset: float | None  # seconds the members' clocks are ahead of ours (median); None: no data
+    members: int  # how many members were measured
+    off: bool  # |offset| beyond the DHT replay window: datagrams to and from here are dropped
+
+
+def clock_verdict(offsets: list[float], window: float) -> ClockVerdict:
+    """The low median of the members' offsets: one member with a wrong clock does not make ours
+    look wrong, and with two sites either may be the one to fix (both are then told)."""
+    if not offsets:
+        return ClockVerdict(None, 0, False)
+    ordered = sorted(offsets, key=abs)
+    middle = ordered[(len(ordered) - 1) // 2]
+    return ClockVerdict(middle, len(offsets), abs(middle) > window)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dht import DhtError, DhtNode, Entry, RecordError
-from dht.const import REPUBLISH_INTERVAL
+from dht.const import REPLAY_WINDOW, REPUBLISH_INTERVAL
 from p2pacs import failpoints
 from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
-from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
+from p2pacs.dicom.validate import plain_dataset, validate_dataset
+from p2pacs.errors import FederationError, InvalidDicomError, P2PacsError, PeerUnavailableError
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
     STUDY_NAMESPACE,
@@ -33,7 +34,7 @@ from p2pacs.federation.catalogue import (
 )
 from p2pacs.federation.identity import load_identity
 from p2pacs.federation.manifest import Manifest, ManifestEntry
-from p2pacs.federation.members import Member, MemberTable
+from p2pacs.federation.members import ClockVerdict, Member, MemberTable, clock_verdict
 from p2pacs.federation.publisher import Publisher
 from p2pacs.site import Site
 from p2pacs.transfer.client import Peer, PeerClient, StoreFn
@@ -108,6 +109,8 @@ class FederationNode:
         self._extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
         self.instance_blobs_fetched = 0  # by study fetches since start (status, resume tests)
+        self.clock_offsets: dict[bytes, float] = {}  # member -> seconds its clock is ahead
+        self._clock_was_off = False
         self.ready = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -260,6 +263,28 @@ class FederationNode:
         for site_id in candidates - known - {self.site_id}:
             await self.refresh_member(site_id)
         await asyncio.gather(*(self._ping(m) for m in self.members), return_exceptions=True)
+        self._check_clock()
+
+    def clock(self) -> ClockVerdict:
+        live = {m.site_id for m in self.live_members()}
+        offsets = [o for site_id, o in self.clock_offsets.items() if site_id in live]
+        return clock_verdict(offsets, REPLAY_WINDOW)
+
+    def _check_clock(self) -> None:
+        """Say so, once per change, when this clock and the members' disagree beyond the DHT's
+        replay window: every DHT datagram between them is then dropped as stale, so nothing
+        this site publishes reaches them."""
+        verdict = self.clock()
+        if verdict.off and not self._clock_was_off:
+            log.error(
+                "this site's clock differs from %d member(s) by %+.0f s (their clocks minus "
+                "ours), beyond the DHT's %.0f s window: DHT records cannot be published or "
+                "read; check NTP on this machine (and on the members if they disagree)",
+                verdict.members, verdict.offset or 0.0, REPLAY_WINDOW,
+            )  # fmt: skip
+        elif self._clock_was_off and not verdict.off and verdict.members:
+            log.warning("this site's clock agrees with the members again")
+        self._clock_was_off = verdict.off
 
     async def _bootstrap_from(self, found: list[Any]) -> None:
         assert self.dht is not None
@@ -295,14 +320,19 @@ class FederationNode:
     async def _ping(self, member: Member) -> None:
         assert self.client is not None
         try:
+            sent = time.time()
             raw = await asyncio.wait_for(
                 self.client.request_json(self.peer_of(member), "GET", "/v1/site"), 3.0
             )
+            answered = time.time()
             record = SiteRecord(**{k: raw[k] for k in SiteRecord.__slots__})
             signed = bytes.fromhex(raw.get("signed") or "")
+            their_time = float(raw.get("time") or 0.0)
         except (P2PacsError, OSError, TimeoutError, KeyError, TypeError, ValueError):
             return
         self.members.upsert(member.site_id, record, seen=True)
+        if their_time:  # NTP's estimate: their clock against the middle of our round trip
+            self.clock_offsets[member.site_id] = their_time - (sent + answered) / 2
         if signed:
             self.keep_signed(member.site_id, signed)
 
@@ -515,11 +545,19 @@ class FederationNode:
         oldest first (the newest received is current), which the ordered pass after the fetch
         does; it also indexes whatever arrived another way (streamed, fetched one by one)."""
         versions = Counter(e.sop_uid for e in todo)
-        single = {e.hash: e for e in todo if versions[e.sop_uid] == 1}
+        by_hash = {e.hash: e for e in todo}
 
         def store(h: str, data: bytes) -> Future[Any]:
-            e = single.get(h)
+            e = by_hash.get(h)
             if e is None:
+                return self.archive.blobs.submit(data, hashed=h)
+            if versions[e.sop_uid] > 1:  # stored bare, indexed later: checked whole first
+                try:
+                    validate_dataset(*plain_dataset(data, e.transfer_syntax))
+                except InvalidDicomError as exc:
+                    refused: Future[Any] = Future()
+                    refused.set_exception(exc)
+                    return refused
                 return self.archive.blobs.submit(data, hashed=h)
             return self.archive.submit(
                 data, e.transfer_syntax, e.prefix, received=e.received, hashed=h

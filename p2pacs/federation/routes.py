@@ -82,7 +82,11 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
         fed = node.federation
         assert fed is not None
         signed = fed.signed_site_record()
-        body = {**dataclasses.asdict(fed.site_record()), "signed": signed.hex() if signed else ""}
+        body = {
+            **dataclasses.asdict(fed.site_record()),
+            "signed": signed.hex() if signed else "",
+            "time": time.time(),  # the caller compares clocks (the DHT drops skewed datagrams)
+        }
         return web.json_response(body)
 
     def _site_id(request: web.Request) -> bytes:
