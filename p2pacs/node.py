@@ -178,6 +178,7 @@ class SiteNode:
             "last_repair": stats.last_repair or None,
             "pulls_done": stats.pulls_done,
             "pulls_failed": stats.pulls_failed,
+            "repair_paused": stats.full,
             "catalogue": fed.publisher.catalogue_hash,
             "clock": {
                 "offset_s": None if clock.offset is None else round(clock.offset, 1),
@@ -195,6 +196,7 @@ class SiteNode:
                 "awaiting_record": rec.awaiting,
                 "baseline": rec.baseline.evidence.value if rec.baseline else None,
                 "error": rec.error,
+                "full": rec.full,
             },
             "dht": dict(fed.dht.stats) if fed.dht is not None else {},
             "instance_blobs_fetched": fed.instance_blobs_fetched,

@@ -214,6 +214,11 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
                 if not recovery.planned.is_set():
                     raise RecoveryError(recovery.error)
                 await _until(recovery.changed, recovery.settled)
+                if recovery.full:
+                    raise RecoveryError(
+                        f"{recovery.full}; recovery is paused, what is stored is served; free "
+                        "disk space or raise [store] map_size and restart, then run recover again"
+                    )
             finally:
                 recovery.listeners.remove(listener)
             result = dataclasses.asdict(recovery.progress)
@@ -223,7 +228,8 @@ def install_routes(node: SiteNode) -> Callable[[web.Application], None]:
         def _stuck() -> bool:
             """Planning has failed for longer than the give-up time: report why."""
             since = recovery.error_since
-            return bool(recovery.error) and time.time() - since >= recovery.give_up
+            late = bool(recovery.error) and time.time() - since >= recovery.give_up
+            return late or bool(recovery.full)
 
         return await _stream(request, run)
 

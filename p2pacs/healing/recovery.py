@@ -25,7 +25,7 @@ from typing import Any
 import msgpack
 
 from p2pacs import failpoints
-from p2pacs.errors import P2PacsError, RecoveryError
+from p2pacs.errors import P2PacsError, RecoveryError, StoreFullError
 from p2pacs.federation.catalogue import Catalogue, CatalogueEntry, SiteRecord
 from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read_baseline
 from p2pacs.federation.node import FederationNode
@@ -93,6 +93,8 @@ class Recovery:
         self.listeners: list[Callable[[RecoveryProgress], None]] = []
         self.error = ""  # why recovery could not start, while it cannot
         self.error_since = 0.0
+        self.full = ""  # why the archive is full, while recovery is paused for it
+        self._paused_until = 0.0
         self.baseline: Baseline | None = read_baseline(self.db)
         self.failing: dict[str, Failing] = {}
         self._bytes_finished = 0
@@ -194,6 +196,7 @@ class Recovery:
         again."""
         entry = self.node.publisher.pending.pop(study_uid, None)
         self.failing.pop(study_uid, None)
+        self.full = ""  # a study was stored whole: there is room again
         self.progress.failed.pop(study_uid, None)
         if entry is not None:
             self.progress.studies_done += 1
@@ -217,8 +220,9 @@ class Recovery:
         }
 
     def settled(self) -> bool:
-        """Nothing left that ``recover`` should wait for: every queued study is given up on."""
-        return self.planned.is_set() and len(self.given_up()) >= self.pending
+        """Nothing left that ``recover`` should wait for: every queued study is given up on, or
+        the archive is full (recovery is paused until space returns)."""
+        return self.planned.is_set() and (bool(self.full) or len(self.given_up()) >= self.pending)
 
     async def run(self) -> None:
         """Plan (retrying until the federation answers), then drain the queue whenever it has
@@ -227,6 +231,10 @@ class Recovery:
             try:
                 await self.plan()
                 self.error, self.error_since = "", 0.0
+            except StoreFullError as exc:
+                self.error_since = self.error_since or time.time()
+                self.error = self._pause_full(exc)
+                await asyncio.sleep(RETRY_MAX)
             except Exception as exc:
                 self.error_since = self.error_since or time.time()
                 self.error = str(exc)
@@ -249,8 +257,25 @@ class Recovery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._until_next_try())
 
+    def _pause_full(self, exc: StoreFullError) -> str:
+        """Stop fetching while the archive is full (every study would fail the same way after
+        its bytes crossed the network); try again every ``RETRY_MAX`` seconds, so recovery
+        resumes on its own once space returns (disk freed, or a larger map after a restart)."""
+        if not self.full:
+            log.error(
+                "recovery paused: the archive is full (%s); what is stored is still served; "
+                "free disk space or raise [store] map_size and restart, then it resumes",
+                exc,
+            )
+        self.full = f"the archive is full: {exc}"
+        self._paused_until = time.time() + RETRY_MAX
+        self._notify()
+        return self.full
+
     def _due(self) -> list[CatalogueEntry]:
         now = time.time()
+        if now < self._paused_until:
+            return []
         return [
             e
             for e in self.node.publisher.pending.values()
@@ -258,9 +283,12 @@ class Recovery:
         ]
 
     def _until_next_try(self) -> float | None:
-        if not self.failing:
+        times = [f.next_try for f in self.failing.values()]
+        if self._paused_until:
+            times.append(self._paused_until)
+        if not times:
             return None
-        return max(0.05, min(f.next_try for f in self.failing.values()) - time.time())
+        return max(0.05, min(times) - time.time())
 
     async def drain(self, entries: list[CatalogueEntry] | None = None) -> RecoveryProgress:
         """Fetch queued studies (all by default), newest first, ``STUDIES_AT_ONCE`` at a time:
@@ -317,6 +345,8 @@ class Recovery:
                 self._done(uid)
                 return
             reason = f"{len(result.failed)} blobs not fetched" if result.failed else "incomplete"
+        except StoreFullError as exc:
+            reason = self._pause_full(exc)
         except P2PacsError as exc:
             reason = str(exc)
         self._failed(uid, reason)

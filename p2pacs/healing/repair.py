@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from p2pacs import failpoints
-from p2pacs.errors import P2PacsError, ReplicationError
+from p2pacs.errors import P2PacsError, ReplicationError, StoreFullError
 from p2pacs.federation.node import FederationNode
 from p2pacs.healing.placement import RepairPlan, plan_repairs
 
@@ -27,6 +27,7 @@ __all__ = ["Healer", "HealerStats"]
 log = logging.getLogger(__name__)
 
 PULL_WORKERS = 2  # studies pulled at once; each pull fetches its blobs in parallel
+FULL_PAUSE = 60.0  # seconds a pull worker rests after the archive was found full
 
 
 @dataclass(slots=True)
@@ -37,6 +38,7 @@ class HealerStats:
     pulls_done: int = 0
     pulls_failed: int = 0
     last_repair: float = 0.0
+    full: str = ""  # why pulls are paused: the archive is full
     errors: list[str] = field(default_factory=list)
 
 
@@ -151,12 +153,21 @@ class Healer:
                 await failpoints.async_hit("repair.pull", ReplicationError)
                 result = await self.node.fetch_study(uid)
                 if result.complete:
+                    self.stats.full = ""
                     self.stats.pulls_done += 1
                     self.stats.last_repair = time.time()
                     log.info("replicated study %s: %d instances", uid, result.instances)
                 else:
                     self.stats.pulls_failed += 1
                     log.warning("study %s: %d blobs not fetched", uid, len(result.failed))
+            except StoreFullError as exc:
+                self.stats.pulls_failed += 1
+                self.stats.full = str(exc)
+                log.error(
+                    "repair paused for %.0f s: the archive is full (%s); what is stored is "
+                    "still served", FULL_PAUSE, exc,
+                )  # fmt: skip
+                await asyncio.sleep(FULL_PAUSE)  # this worker only; the next pass asks again
             except P2PacsError as exc:
                 self.stats.pulls_failed += 1
                 log.info("pull of %s failed: %s", uid, exc)
