@@ -111,6 +111,7 @@ class SiteNode:
         fed.on_fetched.append(self.recovery.on_demand)
         fed.add_task(self.healer.run)
         fed.add_task(self.recovery.run)
+        fed.repair = lambda h: repair_blob(fed, h)  # a blob found rotten while serving a peer
         await fed.start(install_routes(self))
         self.archive.repair_hook = lambda h: bool(fed.call(repair_blob(fed, h), 120.0))
         fed.publisher.mark(s.study_uid for s in self.archive.index.studies())
@@ -179,6 +180,8 @@ class SiteNode:
             "pulls_done": stats.pulls_done,
             "pulls_failed": stats.pulls_failed,
             "repair_paused": stats.full,
+            "corrupt_served": fed.server.stats["corrupt"] if fed.server is not None else 0,
+            "corrupt_repaired": fed.corrupt_repaired,
             "catalogue": fed.publisher.catalogue_hash,
             "clock": {
                 "offset_s": None if clock.offset is None else round(clock.offset, 1),

@@ -47,6 +47,8 @@ T = TypeVar("T")
 
 BRIDGE_TIMEOUT = 600.0  # seconds a DICOM thread waits for a read-through fetch
 CATALOGUE_PUSH_TIMEOUT = 10.0  # seconds a member gets to copy a new catalogue
+CORRUPT_QUEUE = 1024  # blobs found corrupt while serving, waiting for repair (more are dropped:
+# the peer's fetch or the next scrub finds them again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,12 @@ class FederationNode:
         self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
         self.instance_blobs_fetched = 0  # by study fetches since start (status, resume tests)
         self.clock_offsets: dict[bytes, float] = {}  # member -> seconds its clock is ahead
+        # a blob found corrupt while serving it to a peer is repaired by ``repair`` (set by the
+        # site: healing's repair_blob), one at a time, each hash queued once
+        self.repair: Callable[[str], Coroutine[Any, Any, bool]] | None = None
+        self._corrupt: asyncio.Queue[str] = asyncio.Queue(CORRUPT_QUEUE)
+        self._corrupt_queued: set[str] = set()
+        self.corrupt_repaired = 0
         self._clock_was_off = False
         self.ready = asyncio.Event()
 
@@ -142,6 +150,7 @@ class FederationNode:
             host=cfg.bind,
             port=cfg.transfer_port,
             extra_routes=install_routes,
+            on_corrupt=self._corrupt_served,
         )
         await self.server.start()
         if cfg.discovery:
@@ -179,6 +188,7 @@ class FederationNode:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.publisher.run(), name="publish")
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
+            tg.create_task(self._repair_served_loop(), name="repair-served")
             for factory in self._extra_tasks:
                 tg.create_task(factory())
 
@@ -203,6 +213,24 @@ class FederationNode:
         if self.dht is not None:
             await self.dht.stop()
             self.dht = None
+
+    def _corrupt_served(self, h: str) -> None:
+        """The transfer server found blob ``h`` rotten on its way out: queue its repair."""
+        if h in self._corrupt_queued or self._corrupt.full():
+            return
+        self._corrupt_queued.add(h)
+        self._corrupt.put_nowait(h)
+
+    async def _repair_served_loop(self) -> None:
+        while True:
+            h = await self._corrupt.get()
+            try:
+                if self.repair is not None and await self.repair(h):
+                    self.corrupt_repaired += 1
+            except Exception:
+                log.exception("repair of served blob %s failed", h[:16])
+            finally:
+                self._corrupt_queued.discard(h)
 
     # --- records ----------------------------------------------------------------------------------
 
