@@ -109,6 +109,7 @@ class SiteNode:
         self.healer = Healer(fed)
         self.recovery = Recovery(fed)
         fed.on_fetched.append(self.recovery.on_demand)
+        self.healer.defer = self.recovery.takes_over
         fed.add_task(self.healer.run)
         fed.add_task(self.recovery.run)
         fed.repair = lambda h: repair_blob(fed, h)  # a blob found rotten while serving a peer
@@ -194,6 +195,8 @@ class SiteNode:
                 "studies_done": rec.progress.studies_done,
                 "bytes_total": rec.progress.bytes_total,
                 "bytes_done": rec.progress.bytes_done,
+                "recent_day": rec.progress.recent_day,
+                "recent_day_s": rec.progress.recent_day_s,
                 "retrying": len(rec.failing),
                 "given_up": rec.given_up(),
                 "awaiting_record": rec.awaiting,

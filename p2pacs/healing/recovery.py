@@ -74,6 +74,8 @@ class RecoveryProgress:
     started: float = field(default_factory=time.time)
     finished: float = 0.0
     current: str = ""
+    recent_day: str = ""  # the newest StudyDate queued at planning
+    recent_day_s: float | None = None  # seconds from process start until that day was back
 
 
 class Recovery:
@@ -97,6 +99,7 @@ class Recovery:
         self._paused_until = 0.0
         self.baseline: Baseline | None = read_baseline(self.db)
         self.failing: dict[str, Failing] = {}
+        self._recent_left: set[str] = set()  # studies of the newest day not back yet
         self._bytes_finished = 0
         with self.db.read() as txn:
             for key, raw in txn.cursor(db=self._table):
@@ -145,6 +148,13 @@ class Recovery:
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
         self._count_queue()
+        dates = [e.study_date for e in node.publisher.pending.values() if e.study_date]
+        self.progress.recent_day = max(dates, default="")
+        self._recent_left = {
+            uid
+            for uid, e in node.publisher.pending.items()
+            if e.study_date == self.progress.recent_day
+        }
         self.planned.set()
         node.publisher.site_ready.set()
         node.publisher.mark([])  # publish site/<id> now that the catalogue keeps what is queued
@@ -201,6 +211,10 @@ class Recovery:
         if entry is not None:
             self.progress.studies_done += 1
             self._bytes_finished += entry.bytes
+        if study_uid in self._recent_left:
+            self._recent_left.discard(study_uid)
+            if not self._recent_left:
+                self.progress.recent_day_s = round(time.time() - self.node.started_at, 3)
         write = self.db.submit(lambda txn: txn.delete(study_uid.encode(), db=self._table))
         write.add_done_callback(_log_failure)
 
@@ -363,6 +377,12 @@ class Recovery:
         )  # fmt: skip
         self.progress.failed = self.given_up(now)
         self.progress.retrying = len(self.failing)
+
+    def takes_over(self, study_uid: str) -> bool:
+        """Whether a repair pull of ``study_uid`` must wait for recovery: one order brings a
+        recovering site's studies back (its queue, newest study date first, with read-through
+        jumping it), so anti-entropy pulls nothing until the queue is planned and empty."""
+        return not self.planned.is_set() or len(self.given_up()) < self.pending
 
     def on_demand(self, study_uid: str) -> None:
         """A study fetched by read-through while queued is complete: take it off the queue."""

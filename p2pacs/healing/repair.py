@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from p2pacs import failpoints
@@ -52,6 +52,9 @@ class Healer:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._kick = asyncio.Event()
+        # while the site recovers, its recovery queue decides what comes back when (newest
+        # study first); a pull it takes over returns here at a later pass if still needed
+        self.defer: Callable[[str], bool] | None = None
         node.publisher.on_published.append(lambda _studies: self._kick.set())
 
     def request(self, study_uid: str) -> bool:
@@ -148,6 +151,8 @@ class Healer:
         while True:
             uid = await self._queue.get()
             try:
+                if self.defer is not None and self.defer(uid):
+                    continue
                 if self.node.held(uid) and uid not in await self._incomplete([uid]):
                     continue
                 await failpoints.async_hit("repair.pull", ReplicationError)
