@@ -20,6 +20,7 @@ import lmdb
 
 from p2pacs import const
 from p2pacs.dicom import build_prefix, extract_attributes, split_part10
+from p2pacs.dicom.header import AttrValue
 from p2pacs.dicom.validate import plain_dataset, validate_dataset
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
@@ -93,37 +94,57 @@ class Archive:
         Raises ``InvalidDicomError`` (``MalformedDatasetError`` for a broken structure) at once
         for bytes that are not an archivable dataset.
         """
-        plain, plain_syntax = plain_dataset(dataset, transfer_syntax)  # inflated once, if at all
-        validate_dataset(plain, plain_syntax)
-        attrs = extract_attributes(plain, plain_syntax)
+        attrs = self.check(dataset, transfer_syntax)
         h = hash_bytes(dataset) if hashed is None else hashed
-        sop_class = str(attrs["SOPClassUID"])
         if prefix is None:
             prefix = build_prefix(
-                sop_class, str(attrs["SOPInstanceUID"]), transfer_syntax, source_ae
+                str(attrs["SOPClassUID"]), str(attrs["SOPInstanceUID"]), transfer_syntax, source_ae
             )
         version = Version(h, len(dataset), transfer_syntax, prefix, received or time.time())
+        return self._write(attrs, version, dataset)
 
-        def job(txn: lmdb.Transaction) -> tuple[IndexUpdate, bool]:
-            stored = self.blobs.write_in(txn, h, dataset)
-            return self.index.add(txn, attrs, version), stored
+    @staticmethod
+    def check(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, AttrValue]:
+        """Structure checked to the last byte, then the index attributes from the header (a
+        deflated dataset inflated once for both). ``InvalidDicomError`` if not archivable."""
+        plain, plain_syntax = plain_dataset(dataset, transfer_syntax)
+        validate_dataset(plain, plain_syntax)
+        return extract_attributes(plain, plain_syntax)
 
-        write = self.db.submit(job, weight=len(dataset))
+    def index_stored(self, attrs: dict[str, AttrValue], version: Version) -> Future[Ingested]:
+        """Index a blob that is already stored and was ``check``ed when it arrived (a fetched
+        version indexed after its elders): nothing is read back, hashed or parsed again."""
+        return self._write(attrs, version, None)
+
+    def _write(
+        self, attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview | None
+    ) -> Future[Ingested]:
+        """Queue blob (unless stored already) and index entry as one durable write job."""
+        h = version.hash
+
+        def job(txn: lmdb.Transaction) -> IndexUpdate:
+            if dataset is not None:
+                self.blobs.write_in(txn, h, dataset)
+            elif not self.blobs.has_in(txn, h):
+                raise BlobNotFoundError(f"blob {h} is not stored; it cannot be indexed")
+            return self.index.add(txn, attrs, version)
+
+        write = self.db.submit(job, weight=version.size if dataset is not None else 0)
         result: Future[Ingested] = Future()
 
-        def done(fut: Future[tuple[IndexUpdate, bool]]) -> None:
+        def done(fut: Future[IndexUpdate]) -> None:
             exc = fut.exception()
             if exc is not None:
                 result.set_exception(exc)
                 return
-            update, _ = fut.result()
+            update = fut.result()
             ingested = Ingested(
                 update.study_uid,
                 str(attrs["SeriesInstanceUID"]),
                 update.sop_uid,
-                sop_class,
+                str(attrs["SOPClassUID"]),
                 h,
-                len(dataset),
+                version.size,
                 update.new_instance,
                 update.new_version,
             )

@@ -19,6 +19,7 @@ from p2pacs.archive import Archive
 from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.site import Site
+from p2pacs.store import hashed_bytes
 
 __all__ = ["RUNFILE", "SiteNode"]
 
@@ -144,6 +145,7 @@ class SiteNode:
             "instances": instances,
             "blobs": blobs,
             "bytes": stored,
+            "hashed_bytes": hashed_bytes(),  # by this process since it started
             "federation": None,
         }
         fed = self.federation

@@ -11,20 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from dht import DhtError, DhtNode, Entry, RecordError
 from dht.const import REPLAY_WINDOW, REPUBLISH_INTERVAL
 from p2pacs import failpoints
 from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
-from p2pacs.dicom.validate import plain_dataset, validate_dataset
-from p2pacs.errors import FederationError, InvalidDicomError, P2PacsError, PeerUnavailableError
+from p2pacs.dicom.header import AttrValue
+from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
     STUDY_NAMESPACE,
@@ -36,6 +37,7 @@ from p2pacs.federation.identity import load_identity
 from p2pacs.federation.manifest import Manifest, ManifestEntry
 from p2pacs.federation.members import ClockVerdict, Member, MemberTable, clock_verdict
 from p2pacs.federation.publisher import Publisher
+from p2pacs.index import Version
 from p2pacs.site import Site
 from p2pacs.transfer.client import Peer, PeerClient, StoreFn
 from p2pacs.transfer.server import TransferServer
@@ -47,8 +49,36 @@ T = TypeVar("T")
 
 BRIDGE_TIMEOUT = 600.0  # seconds a DICOM thread waits for a read-through fetch
 CATALOGUE_PUSH_TIMEOUT = 10.0  # seconds a member gets to copy a new catalogue
+DECODED_CACHE = 4096  # decoded manifests (and, apart, catalogues) kept by hash
 CORRUPT_QUEUE = 1024  # blobs found corrupt while serving, waiting for repair (more are dropped:
 # the peer's fetch or the next scrub finds them again)
+
+
+V = TypeVar("V")
+
+
+class LruCache(Generic[V]):
+    """Decoded immutable values by content hash, the least recently used dropped first.
+    Thread-safe: recovery planning reads it from a worker thread."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._items: OrderedDict[str, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +141,8 @@ class FederationNode:
         self._extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
         self.instance_blobs_fetched = 0  # by study fetches since start (status, resume tests)
+        self._manifests: LruCache[Manifest] = LruCache(DECODED_CACHE)
+        self._catalogues: LruCache[Catalogue] = LruCache(DECODED_CACHE)
         self.clock_offsets: dict[bytes, float] = {}  # member -> seconds its clock is ahead
         # a blob found corrupt while serving it to a peer is repaired by ``repair`` (set by the
         # site: healing's repair_blob), one at a time, each hash queued once
@@ -491,9 +523,39 @@ class FederationNode:
         await self.client.fetch_into(peers, h, size, self.archive.blobs)
 
     async def fetch_manifest(self, h: str, peers: list[Peer]) -> Manifest:
-        await self.fetch_blob(h, None, peers)
-        data = await asyncio.to_thread(self.archive.blobs.get, h)
-        return Manifest.decode(data, h)
+        """A manifest by hash: decoded once, then from the cache (anti-entropy asks for the
+        same ones every pass); its bytes are hashed once, when fetched or read."""
+        cached = self._manifests.get(h)
+        if cached is None:
+            cached = Manifest.decode(await self._small_blob(h, peers))
+            self._manifests.put(h, cached)
+        return cached
+
+    async def catalogue_by_hash(self, h: str, peers: list[Peer]) -> Catalogue:
+        """A catalogue by hash, like ``fetch_manifest``."""
+        cached = self._catalogues.get(h)
+        if cached is None:
+            cached = Catalogue.decode(await self._small_blob(h, peers))
+            self._catalogues.put(h, cached)
+        return cached
+
+    def local_manifest(self, h: str) -> Manifest | None:
+        """A manifest held here (decoded once, then cached); None if not held. Any thread."""
+        cached = self._manifests.get(h)
+        if cached is None and self.archive.blobs.has(h):
+            cached = Manifest.decode(self.archive.blobs.get(h))
+            self._manifests.put(h, cached)
+        return cached
+
+    async def _small_blob(self, h: str, peers: list[Peer]) -> bytes:
+        """A small blob's verified bytes: read here (hash-checked) or fetched (hash-checked on
+        arrival, stored, returned without reading it back)."""
+        assert self.client is not None
+        if self.archive.blobs.has(h):
+            return await asyncio.to_thread(self.archive.blobs.get, h)
+        if not peers:
+            raise PeerUnavailableError(f"no reachable site holds blob {h[:16]}")
+        return await self.client.fetch_verified(peers, h, self.archive.blobs)
 
     def live_peers(self) -> list[Peer]:
         return [self.peer_of(m) for m in self.live_members()]
@@ -539,12 +601,13 @@ class FederationNode:
         ]
         missing = self.archive.blobs.missing({e.hash for e in todo})
         sizes = {e.hash: e.size for e in todo}
+        checked: dict[str, dict[str, AttrValue]] = {}  # versions stored bare, index attributes
         if missing:
             report = await self.client.fetch_many(
                 [(h, sizes[h], live) for h in missing],
                 self.archive.blobs,
                 progress=(lambda done, _total: progress(done)) if progress else None,
-                store=self._store_and_index(todo),
+                store=self._store_and_index(todo, checked),
             )
             result.blobs += report.fetched
             self.instance_blobs_fetched += report.fetched
@@ -555,7 +618,12 @@ class FederationNode:
                 continue
             try:
                 if not self._indexed(e):
-                    await asyncio.to_thread(self._index_fetched, e)
+                    attrs = checked.get(e.hash)
+                    if attrs is not None:  # checked on arrival: index it, read nothing back
+                        version = Version(e.hash, e.size, e.transfer_syntax, e.prefix, e.received)
+                        await asyncio.wrap_future(self.archive.index_stored(attrs, version))
+                    else:  # streamed (over SMALL_BLOB) or stored by an earlier fetch
+                        await asyncio.to_thread(self._index_fetched, e)
                 result.instances += 1
             except P2PacsError as exc:
                 result.failed[e.hash] = str(exc)
@@ -566,12 +634,16 @@ class FederationNode:
                 listener(study_uid)
         return result
 
-    def _store_and_index(self, todo: list[ManifestEntry]) -> StoreFn:
-        """Write a fetched instance and its index entry in one transaction, as it arrives.
+    def _store_and_index(
+        self, todo: list[ManifestEntry], checked: dict[str, dict[str, AttrValue]]
+    ) -> StoreFn:
+        """Write a fetched instance and its index entry in one transaction, as it arrives (on
+        the transfer client's worker thread, which has just hashed the bytes: checking and
+        parsing the header happen there too, never on the event loop).
 
-        Only for instances with one version to fetch: versions of one instance must be indexed
-        oldest first (the newest received is current), which the ordered pass after the fetch
-        does; it also indexes whatever arrived another way (streamed, fetched one by one)."""
+        Versions of one instance must be indexed oldest first (the newest received is current):
+        those are checked and parsed on arrival, written bare, and their attributes kept in
+        ``checked`` for the ordered pass after the fetch."""
         versions = Counter(e.sop_uid for e in todo)
         by_hash = {e.hash: e for e in todo}
 
@@ -579,13 +651,8 @@ class FederationNode:
             e = by_hash.get(h)
             if e is None:
                 return self.archive.blobs.submit(data, hashed=h)
-            if versions[e.sop_uid] > 1:  # stored bare, indexed later: checked whole first
-                try:
-                    validate_dataset(*plain_dataset(data, e.transfer_syntax))
-                except InvalidDicomError as exc:
-                    refused: Future[Any] = Future()
-                    refused.set_exception(exc)
-                    return refused
+            if versions[e.sop_uid] > 1:
+                checked[h] = self.archive.check(data, e.transfer_syntax)
                 return self.archive.blobs.submit(data, hashed=h)
             return self.archive.submit(
                 data, e.transfer_syntax, e.prefix, received=e.received, hashed=h
@@ -598,8 +665,13 @@ class FederationNode:
         return rec is not None and any(v.hash == e.hash for v in rec.versions)
 
     def _index_fetched(self, e: ManifestEntry) -> None:
-        data = self.archive.blobs.get(e.hash)
-        self.archive.ingest(data, e.transfer_syntax, e.prefix, received=e.received)
+        """Index a stored blob the fetch could not check on arrival (streamed in chunks, or
+        stored by an earlier fetch): read back once to check its structure, not hashed again
+        (it was verified when it was written)."""
+        data = self.archive.blobs.get(e.hash, verify=False)
+        self.archive.submit(
+            data, e.transfer_syntax, e.prefix, received=e.received, hashed=e.hash
+        ).result(BRIDGE_TIMEOUT)
 
     # --- bridges for DICOM threads --------------------------------------------------------------
 
@@ -637,7 +709,4 @@ class FederationNode:
         h = member.record.catalogue_hash
         if not h:
             return None
-        peers = [self.peer_of(member), *self.live_peers()]
-        await self.fetch_blob(h, None, peers)
-        data = await asyncio.to_thread(self.archive.blobs.get, h)
-        return Catalogue.decode(data, h)
+        return await self.catalogue_by_hash(h, [self.peer_of(member), *self.live_peers()])

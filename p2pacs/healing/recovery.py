@@ -139,11 +139,7 @@ class Recovery:
             record = SiteRecord.decode(newest.value)
             if record.catalogue_hash:
                 catalogue = await self._catalogue(record.catalogue_hash)
-                for entry in catalogue.entries:
-                    if entry.study_uid in node.publisher.pending or self._complete(entry):
-                        continue
-                    self._enqueue(entry)
-                    queued += 1
+                queued = await self._enqueue_missing(catalogue)
             detail = f"seq {newest.seq}, catalogue {record.catalogue_hash[:16] or 'empty'}"
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
@@ -173,32 +169,57 @@ class Recovery:
             await self.node.heartbeat()
             peers = self.node.live_peers()
         try:
-            await self.node.fetch_blob(h, None, peers)
+            return await self.node.catalogue_by_hash(h, peers)
         except P2PacsError as exc:
             raise RecoveryError(
                 f"cannot fetch this site's catalogue {h[:16]} from any member ({exc}); "
                 "check that other sites are up and reachable, then run recover again"
             ) from exc
-        return Catalogue.decode(await asyncio.to_thread(self.node.archive.blobs.get, h), h)
 
-    def _complete(self, entry: CatalogueEntry) -> bool:
-        held = self.node.publisher.entries.get(entry.study_uid)
+    async def _enqueue_missing(self, catalogue: Catalogue) -> int:
+        """Queue the catalogue's studies not held whole here: compared and written off the
+        event loop, in one durable write, however long the catalogue."""
+        pending = set(self.node.publisher.pending)
+        held = dict(self.node.publisher.entries)
+
+        def plan_and_write() -> list[CatalogueEntry]:
+            todo = [
+                e
+                for e in catalogue.entries
+                if e.study_uid not in pending and not self._complete(e, held.get(e.study_uid))
+            ]
+            rows = [
+                (
+                    e.study_uid.encode(),
+                    msgpack.packb(
+                        [e.manifest_hash, e.study_date, e.instances, e.bytes, e.updated],
+                        use_bin_type=True,
+                    ),
+                )
+                for e in todo
+            ]
+            table = self._table
+
+            def job(txn: Any) -> None:
+                for key, raw in rows:
+                    txn.put(key, raw, db=table)
+
+            self.db.write(job)
+            return todo
+
+        todo = await asyncio.to_thread(plan_and_write)
+        for e in todo:
+            self.node.publisher.pending[e.study_uid] = e
+        return len(todo)
+
+    def _complete(self, entry: CatalogueEntry, held: CatalogueEntry | None) -> bool:
+        """Whether this site holds every version ``entry``'s manifest lists (any thread)."""
         if held is not None and held.manifest_hash == entry.manifest_hash:
             return True
-        if not self.node.archive.blobs.has(entry.manifest_hash):
+        wanted = self.node.local_manifest(entry.manifest_hash)
+        if wanted is None:
             return False
-        from p2pacs.federation.manifest import Manifest
-
-        wanted = Manifest.decode(self.node.archive.blobs.get(entry.manifest_hash))
         return self.node.publisher.manifest_of(entry.study_uid).covers(wanted)
-
-    def _enqueue(self, entry: CatalogueEntry) -> None:
-        self.node.publisher.pending[entry.study_uid] = entry
-        raw = msgpack.packb(
-            [entry.manifest_hash, entry.study_date, entry.instances, entry.bytes, entry.updated],
-            use_bin_type=True,
-        )
-        self.db.write(lambda txn: txn.put(entry.study_uid.encode(), raw, db=self._table))
 
     def _done(self, study_uid: str) -> None:
         """Take a study off the queue without waiting for the delete to be durable (the loop
@@ -355,7 +376,7 @@ class Recovery:
                 uid, extra_manifests=(entry.manifest_hash,), progress=progress
             )
             self.progress.instances += result.instances
-            if result.complete and self._complete(entry):
+            if result.complete and self._complete(entry, self.node.publisher.entries.get(uid)):
                 self._done(uid)
                 return
             reason = f"{len(result.failed)} blobs not fetched" if result.failed else "incomplete"
@@ -387,7 +408,7 @@ class Recovery:
     def on_demand(self, study_uid: str) -> None:
         """A study fetched by read-through while queued is complete: take it off the queue."""
         entry = self.node.publisher.pending.get(study_uid)
-        if entry is not None and self._complete(entry):
+        if entry is not None and self._complete(entry, self.node.publisher.entries.get(study_uid)):
             self._done(study_uid)
             self._notify()
 

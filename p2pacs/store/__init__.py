@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p2pacs.store.blobs import BlobInfo, BlobStore, hash_bytes
+from p2pacs.store.blobs import BlobInfo, BlobStore, hash_bytes, hashed_bytes
 from p2pacs.store.db import SiteDB
 
-__all__ = ["BlobInfo", "BlobStore", "SiteDB", "hash_bytes"]
+__all__ = ["BlobInfo", "BlobStore", "SiteDB", "hash_bytes", "hashed_bytes"]

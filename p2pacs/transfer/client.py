@@ -28,8 +28,8 @@ from dht.membership import Federation, Identity
 from p2pacs import failpoints
 from p2pacs.errors import (
     IntegrityError,
+    InvalidDicomError,
     MembershipError,
-    P2PacsError,
     PeerUnavailableError,
     TransferError,
 )
@@ -91,11 +91,13 @@ class _MemberResponse(aiohttp.ClientResponse):
         return await super().start(connection)
 
 
-def _store_verified(blobs: BlobStore, h: str, data: bytes, source: str) -> None:
-    """Hash once, on a worker thread: store ``data`` only if it is blob ``h``."""
-    if hash_bytes(data) != h:
-        raise IntegrityError(f"{source} served bytes that do not match {h[:16]}")
-    blobs.put(data, hashed=h)
+def _chain(inner: Future[Any], outer: Future[Any]) -> None:
+    """Settle ``outer`` as ``inner`` settled."""
+    exc = inner.exception()
+    if exc is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(inner.result())
 
 
 class PeerClient:
@@ -203,8 +205,11 @@ class PeerClient:
         size: int | None,
         blobs: BlobStore,
         progress: Callable[[int], None] | None = None,
+        *,
+        store: StoreFn | None = None,
     ) -> Peer | None:
-        """Store blob ``h`` from the first holder that serves the right bytes.
+        """Store blob ``h`` from the first holder that serves the right bytes; a small one
+        through ``store`` (default: a bare blob in ``blobs``).
 
         Returns the peer that supplied it (None if it was already stored)."""
         if blobs.has(h):
@@ -221,8 +226,8 @@ class PeerClient:
             try:
                 if size is None or size <= SMALL_BLOB:
                     data = b"".join([p async for p in self.fetch_blob(peer, h)])
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._put_pool, _store_verified, blobs, h, data, peer.name
+                    await asyncio.wrap_future(
+                        self._verify_then_store(peer.name, h, data, store or _bare(blobs))
                     )
                     if progress is not None:
                         progress(len(data))
@@ -234,6 +239,42 @@ class PeerClient:
                 errors.append(str(exc))
         if any("do not match" in e or "hash to" in e for e in errors):
             raise IntegrityError(f"no holder served blob {h[:16]} intact: {'; '.join(errors)}")
+        raise PeerUnavailableError(
+            f"blob {h[:16]} unavailable: {'; '.join(errors) or 'no holders'}"
+        )
+
+    def _verify_then_store(self, source: str, h: str, data: bytes, store: StoreFn) -> Future[Any]:
+        """Hash ``data`` once, on a worker thread (never on the event loop), and hand it to
+        ``store`` only if it is blob ``h``; the future settles when the write is durable (or
+        with ``IntegrityError``, or whatever the store refused it with)."""
+        assert self._put_pool is not None, "use the client as an async context manager"
+        out: Future[Any] = Future()
+
+        def work() -> None:
+            try:
+                if hash_bytes(data) != h:
+                    raise IntegrityError(f"{source} served bytes that do not match {h[:16]}")
+                inner = store(h, data)
+            except BaseException as exc:  # handed to the awaiting coroutine
+                out.set_exception(exc)
+                return
+            inner.add_done_callback(lambda done: _chain(done, out))
+
+        self._put_pool.submit(work)
+        return out
+
+    async def fetch_verified(self, holders: Sequence[Peer], h: str, blobs: BlobStore) -> bytes:
+        """A small blob (manifest, catalogue) from the first holder that serves it intact,
+        stored and returned: its bytes are hashed once, never read back or hashed again."""
+        errors = []
+        for peer in holders:
+            try:
+                data = b"".join([p async for p in self.fetch_blob(peer, h)])
+                await asyncio.wrap_future(self._verify_then_store(peer.name, h, data, _bare(blobs)))
+                return data
+            except (IntegrityError, PeerUnavailableError, TransferError, MembershipError) as exc:
+                self._failed(peer, exc)
+                errors.append(str(exc))
         raise PeerUnavailableError(
             f"blob {h[:16]} unavailable: {'; '.join(errors) or 'no holders'}"
         )
@@ -398,7 +439,7 @@ class PeerClient:
                 outcome = await self._fetch_batch(
                     peer,
                     [(h, n) for h, n, _ in group],
-                    store or (lambda h, data: blobs.submit(data, hashed=h)),
+                    store or _bare(blobs),
                 )
             for h, size, order in group:
                 exc = outcome.get(h)
@@ -406,6 +447,8 @@ class PeerClient:
                 if exc is None:
                     fetched(size)
                     advance(size)
+                elif isinstance(exc, InvalidDicomError):  # intact but not archivable: final
+                    report.failed[h] = str(exc)
                 elif not isinstance(exc, IntegrityError):
                     singles.append((h, size, [*rest, peer]))  # asked again, last
                 elif rest:
@@ -426,9 +469,14 @@ class PeerClient:
         async def one(h: str, size: int | None, holders: list[Peer]) -> None:
             async with sem:
                 try:
-                    if await self.fetch_into(holders, h, size, blobs, advance) is not None:
+                    if await self.fetch_into(holders, h, size, blobs, advance, store=store):
                         fetched(size)
-                except (IntegrityError, PeerUnavailableError, TransferError) as exc:
+                except (
+                    IntegrityError,
+                    PeerUnavailableError,
+                    TransferError,
+                    InvalidDicomError,
+                ) as exc:
                     report.failed[h] = str(exc)
 
         await asyncio.gather(*(one(h, size, holders) for h, size, holders in singles))
@@ -451,6 +499,9 @@ class PeerClient:
                 try:
                     await fut
                     outcome[h] = None
+                except IntegrityError as exc:  # found by the worker that hashed it
+                    self._failed(peer, exc)
+                    outcome[h] = exc
                 except Exception as exc:  # the store refused it (full disk...): tried again later
                     outcome[h] = exc
 
@@ -474,16 +525,7 @@ class PeerClient:
                     if size > SMALL_BLOB:
                         raise TransferError(f"{peer.name} sent a {size}-byte blob in a batch")
                     data = await resp.content.readexactly(size)
-                    if hash_bytes(data) != h:
-                        exc = IntegrityError(f"{peer.name} served bytes that do not match {h[:16]}")
-                        self._failed(peer, exc)
-                        outcome[h] = exc
-                        continue
-                    try:
-                        queued = asyncio.wrap_future(store(h, data))
-                    except P2PacsError as exc:  # refused before queueing (not archivable...)
-                        outcome[h] = exc
-                        continue
+                    queued = asyncio.wrap_future(self._verify_then_store(peer.name, h, data, store))
                     stores.append((h, size, queued))
                     unsettled += size
                     await settle(BATCH_WINDOW)
@@ -503,6 +545,11 @@ class PeerClient:
         finally:
             await settle(-1)
         return outcome
+
+
+def _bare(blobs: BlobStore) -> StoreFn:
+    """The default store: a verified blob written bare, with no index entry."""
+    return lambda h, data: blobs.submit(data, hashed=h)
 
 
 def _split(

@@ -1,0 +1,57 @@
+"""A fetched byte is hashed once: the fetching site process counts every byte it hashes.
+
+The study has the three shapes that used to be read back and hashed again after the fetch: an
+instance with two versions, a multi-frame instance over the 8 MiB batch limit (streamed), and
+the manifests themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from p2pacs.samples import generate_instances
+from p2pacs.testbed import Testbed
+
+from fault_helpers import ingest, lost_at, originals, studies_of, wait_replicated
+
+pytestmark = pytest.mark.slow
+
+SLACK = 256 * 1024  # bytes: this site's own small blobs (its manifest, its catalogue) and copies
+# of the members' catalogues, which are hashed when written or fetched too
+
+
+def test_fetch_hashes_each_byte_once(testbed: Testbed, tmp_path: Path) -> None:
+    files = generate_instances(
+        tmp_path / "study",
+        studies=1,
+        series_per_study=1,
+        instances_per_series=4,
+        rows=512,
+        columns=512,
+        seed=31,
+        multiframe_frames=20,
+    )  # fmt: skip  (one 10 MiB multi-frame instance among them)
+    corrected = tmp_path / "corrected.dcm"
+    ds = pydicom.dcmread(files[1])
+    ds.ImageComments = "corrected after the first send"
+    ds.save_as(corrected)
+    clinic = testbed["clinic-a"]
+    ingest(clinic, files)
+    ingest(clinic, [corrected])
+    study = studies_of(files)
+    wait_replicated(clinic, study, 2)
+    holders = {h["name"].split(" ")[0] for uid in study for h in clinic.find(uid)}
+    (fetcher,) = [testbed[n] for n in ("research-lab", "clinic-b") if n not in holders]
+    before = fetcher.status()
+    done = fetcher.run_cli("fetch", *study, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    after = fetcher.status()
+    fetched = after["bytes"] - before["bytes"]
+    hashed = after["hashed_bytes"] - before["hashed_bytes"]
+    assert fetched > 10 * 1024 * 1024, after
+    assert hashed <= fetched + SLACK, (hashed, fetched)
+    newest = [files[0], corrected, *files[2:]]
+    assert lost_at(fetcher, study, originals(newest)) == []
