@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -16,14 +17,20 @@ from typing import Any
 
 from p2pacs import __version__
 from p2pacs.archive import Archive
+from p2pacs.control.api import ControlPlane
+from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
+from p2pacs.federation.continuity import settle_at_start
+from p2pacs.federation.node import FederationNode
 from p2pacs.gateway import CommitmentResult, Gateway
+from p2pacs.healing.commitment import check_commitment
+from p2pacs.healing.recovery import Recovery
+from p2pacs.healing.repair import Healer
+from p2pacs.healing.scrub import repair_blob
 from p2pacs.site import Site
 from p2pacs.store import hashed_bytes
 
 __all__ = ["RUNFILE", "SiteNode"]
-
-RUNFILE = "node.json"  # in the site directory while ``serve`` runs
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +45,9 @@ class SiteNode:
         self.new_site = new_site
         self.archive: Archive | None = None
         self.gateway: Gateway | None = None
-        self.federation: Any = None  # FederationNode when enrolled
-        self.healer: Any = None
-        self.recovery: Any = None
+        self.federation: FederationNode | None = None  # when enrolled
+        self.healer: Healer | None = None
+        self.recovery: Recovery | None = None
         self.started = time.time()
 
     @property
@@ -67,8 +74,6 @@ class SiteNode:
         self._write_runfile()
 
     def _settle_baseline(self, archive: Archive) -> None:
-        from p2pacs.federation.continuity import settle_at_start
-
         holds = next(iter(archive.index.studies()), None) is not None
         baseline = settle_at_start(archive.db, holds_studies=holds, new_site=self.new_site)
         if self.new_site and not baseline.known:
@@ -90,7 +95,7 @@ class SiteNode:
         """Where the running node listens, so the CLI can reach it (ports may be picked at 0)."""
         info: dict[str, Any] = {"pid": os.getpid(), "dicom": list(self.dicom_address)}
         fed = self.federation
-        if fed is not None:
+        if fed is not None and fed.server is not None and fed.dht is not None:
             info["transfer"] = list(fed.server.address)
             info["dht"] = list(fed.dht.address)
         tmp = self.runfile.with_suffix(".tmp")
@@ -98,23 +103,18 @@ class SiteNode:
         tmp.replace(self.runfile)
 
     async def _start_federation(self) -> None:
-        from p2pacs.federation.node import FederationNode
-        from p2pacs.federation.routes import install_routes
-        from p2pacs.healing.recovery import Recovery
-        from p2pacs.healing.repair import Healer
-        from p2pacs.healing.scrub import repair_blob
-
         assert self.archive is not None
         fed = FederationNode(self.site, self.archive, dicom_address=self.dicom_address)
         self.federation = fed
-        self.healer = Healer(fed)
-        self.recovery = Recovery(fed)
-        fed.on_fetched.append(self.recovery.on_demand)
-        self.healer.defer = self.recovery.takes_over
-        fed.add_task(self.healer.run)
-        fed.add_task(self.recovery.run)
+        self.healer = healer = Healer(fed)
+        self.recovery = recovery = Recovery(fed)
+        fed.on_fetched.append(recovery.on_demand)
+        healer.defer = recovery.takes_over
+        fed.add_task(healer.run)
+        fed.add_task(recovery.run)
         fed.repair = lambda h: repair_blob(fed, h)  # a blob found rotten while serving a peer
-        await fed.start(install_routes(self))
+        control = ControlPlane(fed, healer, recovery, self.status)
+        await fed.start(control.install)
         self.archive.repair_hook = lambda h: bool(fed.call(repair_blob(fed, h), 120.0))
         fed.publisher.mark(s.study_uid for s in self.archive.index.studies())
 
@@ -123,17 +123,19 @@ class SiteNode:
             self.federation.ensure_local(study_uids)
 
     def _commitment(self, refs: list[tuple[str, str]], timeout: float) -> CommitmentResult:
-        from p2pacs.healing.commitment import check_commitment
-
         fed = self.federation
+        if fed is None:
+            raise FederationError("the federation node is not running")
         committed, failed = fed.call(check_commitment(fed, refs, timeout), timeout + 30.0)
         return CommitmentResult(committed=committed, failed=failed)
 
     async def status(self) -> dict[str, Any]:
         """This site and the federation at a glance (``p2pacs status``)."""
         assert self.archive is not None
-        patients, studies, instances = self.archive.index.counts()
-        blobs, stored = self.archive.blobs.totals()
+        archive = self.archive
+        (patients, studies, instances), (blobs, stored) = await asyncio.to_thread(
+            lambda: (archive.index.counts(), archive.blobs.totals())
+        )
         out: dict[str, Any] = {
             "version": __version__,
             "site": self.site.config.federation.name or self.site.path.name,
@@ -148,67 +150,14 @@ class SiteNode:
             "hashed_bytes": hashed_bytes(),  # by this process since it started
             "federation": None,
         }
-        fed = self.federation
-        if fed is None:
-            return out
-        now = time.time()
-        members = [
-            {
-                "name": m.name,
-                "site_id": m.site_id.hex(),
-                "up": m.is_up(fed.config.down_after, now),
-                "last_seen_s": round(now - m.last_seen, 1) if m.last_seen else None,
-                "address": f"{m.record.host}:{m.record.transfer_port}",
-                "studies": m.record.studies,
-                "clock_offset_s": (
-                    round(fed.clock_offsets[m.site_id], 1)
-                    if m.site_id in fed.clock_offsets
-                    else None
-                ),
+        fed, healer, recovery = self.federation, self.healer, self.recovery
+        if fed is not None and healer is not None and recovery is not None:
+            out["federation"] = {
+                **fed.snapshot(),
+                **healer.snapshot(),
+                "recovery_pending": recovery.pending,
+                "recovery": recovery.snapshot(),
             }
-            for m in sorted(fed.members, key=lambda m: m.name)
-        ]
-        stats = self.healer.stats
-        rec = self.recovery
-        clock = fed.clock()
-        out["federation"] = {
-            "site_id": fed.site_hex,
-            "replication": fed.config.replication,
-            "sites_up": 1 + sum(m["up"] for m in members),
-            "sites_down": sum(not m["up"] for m in members),
-            "members": members,
-            "under_replicated": stats.under_replicated,
-            "repair_passes": stats.passes,
-            "last_repair": stats.last_repair or None,
-            "pulls_done": stats.pulls_done,
-            "pulls_failed": stats.pulls_failed,
-            "repair_paused": stats.full,
-            "corrupt_served": fed.server.stats["corrupt"] if fed.server is not None else 0,
-            "corrupt_repaired": fed.corrupt_repaired,
-            "catalogue": fed.publisher.catalogue_hash,
-            "clock": {
-                "offset_s": None if clock.offset is None else round(clock.offset, 1),
-                "members": clock.members,
-                "off": clock.off,
-            },
-            "recovery_pending": rec.pending,
-            "recovery": {
-                "studies_total": rec.progress.studies_total,
-                "studies_done": rec.progress.studies_done,
-                "bytes_total": rec.progress.bytes_total,
-                "bytes_done": rec.progress.bytes_done,
-                "recent_day": rec.progress.recent_day,
-                "recent_day_s": rec.progress.recent_day_s,
-                "retrying": len(rec.failing),
-                "given_up": rec.given_up(),
-                "awaiting_record": rec.awaiting,
-                "baseline": rec.baseline.evidence.value if rec.baseline else None,
-                "error": rec.error,
-                "full": rec.full,
-            },
-            "dht": dict(fed.dht.stats) if fed.dht is not None else {},
-            "instance_blobs_fetched": fed.instance_blobs_fetched,
-        }
         return out
 
     async def stop(self) -> None:

@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
-from p2pacs.cli.local import LocalNode, connect, node_address
+from p2pacs.control.client import LocalNode, connect, node_address
 from p2pacs.site import Site
 
 __all__ = ["register"]

@@ -11,7 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
-from p2pacs.cli.local import connect
+from p2pacs.control.client import connect
 from p2pacs.errors import P2PacsError
 from p2pacs.site import Site
 

@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from aiohttp import web
+
 from dht import DhtError, DhtNode, Entry, RecordError
 from dht.const import REPLAY_WINDOW, REPUBLISH_INTERVAL
 from p2pacs import failpoints
@@ -30,6 +32,7 @@ from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
     STUDY_NAMESPACE,
     Catalogue,
+    CatalogueEntry,
     SiteRecord,
     StudyHolding,
 )
@@ -37,6 +40,7 @@ from p2pacs.federation.identity import load_identity
 from p2pacs.federation.manifest import Manifest, ManifestEntry
 from p2pacs.federation.members import ClockVerdict, Member, MemberTable, clock_verdict
 from p2pacs.federation.publisher import Publisher
+from p2pacs.federation.routes import install_peer_routes
 from p2pacs.index import Version
 from p2pacs.site import Site
 from p2pacs.transfer.client import Peer, PeerClient, StoreFn
@@ -140,6 +144,8 @@ class FederationNode:
         self._study_locks: dict[str, asyncio.Lock] = {}
         self._extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
+        # the recovery queue's entry of a study not back yet (set by the site's recovery)
+        self.queued: Callable[[str], CatalogueEntry | None] = lambda _uid: None
         self.instance_blobs_fetched = 0  # by study fetches since start (status, resume tests)
         self._manifests: LruCache[Manifest] = LruCache(DECODED_CACHE)
         self._catalogues: LruCache[Catalogue] = LruCache(DECODED_CACHE)
@@ -159,7 +165,9 @@ class FederationNode:
         """Run ``factory()`` in the node's TaskGroup (healing loops register here)."""
         self._extra_tasks.append(factory)
 
-    async def start(self, install_routes: Callable[[Any], None] | None = None) -> None:
+    async def start(self, install_routes: Callable[[web.Application], None] | None = None) -> None:
+        """Join the DHT, serve the transfer API (our peer routes plus ``install_routes``: the
+        site's control plane) and start the node's tasks."""
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         bootstrap = self._bootstrap_addresses()
@@ -181,7 +189,7 @@ class FederationNode:
             self.federation,
             host=cfg.bind,
             port=cfg.transfer_port,
-            extra_routes=install_routes,
+            extra_routes=lambda app: self._routes(app, install_routes),
             on_corrupt=self._corrupt_served,
         )
         await self.server.start()
@@ -245,6 +253,49 @@ class FederationNode:
         if self.dht is not None:
             await self.dht.stop()
             self.dht = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The federation part of ``status``: members, clock, repair of served blobs, DHT."""
+        now = time.time()
+        members: list[dict[str, Any]] = [
+            {
+                "name": m.name,
+                "site_id": m.site_id.hex(),
+                "up": m.is_up(self.config.down_after, now),
+                "last_seen_s": round(now - m.last_seen, 1) if m.last_seen else None,
+                "address": f"{m.record.host}:{m.record.transfer_port}",
+                "studies": m.record.studies,
+                "clock_offset_s": (
+                    round(self.clock_offsets[m.site_id], 1)
+                    if m.site_id in self.clock_offsets
+                    else None
+                ),
+            }
+            for m in sorted(self.members, key=lambda m: m.name)
+        ]
+        clock = self.clock()
+        return {
+            "site_id": self.site_hex,
+            "replication": self.config.replication,
+            "sites_up": 1 + sum(m["up"] for m in members),
+            "sites_down": sum(not m["up"] for m in members),
+            "members": members,
+            "corrupt_served": self.server.stats["corrupt"] if self.server is not None else 0,
+            "corrupt_repaired": self.corrupt_repaired,
+            "catalogue": self.publisher.catalogue_hash,
+            "clock": {
+                "offset_s": None if clock.offset is None else round(clock.offset, 1),
+                "members": clock.members,
+                "off": clock.off,
+            },
+            "dht": dict(self.dht.stats) if self.dht is not None else {},
+            "instance_blobs_fetched": self.instance_blobs_fetched,
+        }
+
+    def _routes(self, app: web.Application, more: Callable[[web.Application], None] | None) -> None:
+        install_peer_routes(self, app)
+        if more is not None:
+            more(app)
 
     def _corrupt_served(self, h: str) -> None:
         """The transfer server found blob ``h`` rotten on its way out: queue its repair."""
@@ -683,16 +734,14 @@ class FederationNode:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def held(self, study_uid: str) -> bool:
-        return self.archive.index.study(study_uid) is not None and (
-            study_uid not in self.publisher.pending
-        )
+        return self.archive.index.study(study_uid) is not None and (self.queued(study_uid) is None)
 
     def ensure_local(self, study_uids: list[str]) -> None:
         """Read-through for C-MOVE/C-GET: fetch studies this site does not hold (yet)."""
         for uid in study_uids:
             if self.held(uid):
                 continue
-            pending = self.publisher.pending.get(uid)
+            pending = self.queued(uid)
             extra = (pending.manifest_hash,) if pending else ()
             log.info("read-through: fetching study %s from peers", uid)
             fetched = self.call(self.fetch_study(uid, extra_manifests=extra))

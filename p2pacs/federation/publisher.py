@@ -56,7 +56,8 @@ class Publisher:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self.entries: dict[str, CatalogueEntry] = {}
-        self.pending: dict[str, CatalogueEntry] = {}  # studies held before a wipe, not yet back
+        # studies held before a wipe, not back yet: the recovery queue's, read-only here
+        self.queued: Callable[[], Iterable[CatalogueEntry]] = tuple
         self.catalogue_hash = ""
         self.published = asyncio.Event()  # set after each completed round
         # set once the archive has a baseline (``continuity``): until then publishing
@@ -119,7 +120,7 @@ class Publisher:
         if not self.site_ready.is_set():
             return
         await failpoints.async_hit("catalogue.publish", FederationError)
-        merged = {**self.entries, **self.pending}  # a study being restored keeps its old entry
+        merged = {**self.entries, **{e.study_uid: e for e in self.queued()}}  # keep old entries
         catalogue = Catalogue.of(self.site_hex, merged.values())
         self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())
         if self.on_catalogue is not None:  # copies at other sites first: a wiped site needs one

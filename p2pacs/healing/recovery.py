@@ -79,8 +79,8 @@ class RecoveryProgress:
 
 
 class Recovery:
-    """The persistent recovery queue of one site and the task that drains it (its one owner:
-    the publisher only reads ``pending`` to keep queued studies in the catalogue)."""
+    """The persistent recovery queue of one site and the task that drains it: the queue's one
+    owner. Others read it (``queue``) or await its state (``planned``, ``changed``)."""
 
     def __init__(self, node: FederationNode):
         self.node = node
@@ -100,15 +100,21 @@ class Recovery:
         self.baseline: Baseline | None = read_baseline(self.db)
         self.failing: dict[str, Failing] = {}
         self._recent_left: set[str] = set()  # studies of the newest day not back yet
+        # the queue: studies this site held before a wipe, not back yet. Recovery owns it; the
+        # publisher keeps their old entries in the catalogue and the node treats them as not
+        # held, both through read-only views
+        self.queue: dict[str, CatalogueEntry] = {}
+        node.publisher.queued = self.queue.values
+        node.queued = self.queue.get
         self._bytes_finished = 0
         with self.db.read() as txn:
             for key, raw in txn.cursor(db=self._table):
                 e = CatalogueEntry(bytes(key).decode(), *msgpack.unpackb(raw, raw=False))
-                node.publisher.pending[e.study_uid] = e
+                self.queue[e.study_uid] = e
         self._count_queue()
 
     def _count_queue(self) -> None:
-        queue = self.node.publisher.pending.values()
+        queue = self.queue.values()
         self.progress.studies_total = self.progress.studies_done + len(queue)
         self.progress.bytes_total = self._bytes_finished + sum(e.bytes for e in queue)
 
@@ -144,12 +150,10 @@ class Recovery:
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
         self._count_queue()
-        dates = [e.study_date for e in node.publisher.pending.values() if e.study_date]
+        dates = [e.study_date for e in self.queue.values() if e.study_date]
         self.progress.recent_day = max(dates, default="")
         self._recent_left = {
-            uid
-            for uid, e in node.publisher.pending.items()
-            if e.study_date == self.progress.recent_day
+            uid for uid, e in self.queue.items() if e.study_date == self.progress.recent_day
         }
         self.planned.set()
         node.publisher.site_ready.set()
@@ -179,7 +183,7 @@ class Recovery:
     async def _enqueue_missing(self, catalogue: Catalogue) -> int:
         """Queue the catalogue's studies not held whole here: compared and written off the
         event loop, in one durable write, however long the catalogue."""
-        pending = set(self.node.publisher.pending)
+        pending = set(self.queue)
         held = dict(self.node.publisher.entries)
 
         def plan_and_write() -> list[CatalogueEntry]:
@@ -209,7 +213,7 @@ class Recovery:
 
         todo = await asyncio.to_thread(plan_and_write)
         for e in todo:
-            self.node.publisher.pending[e.study_uid] = e
+            self.queue[e.study_uid] = e
         return len(todo)
 
     def _complete(self, entry: CatalogueEntry, held: CatalogueEntry | None) -> bool:
@@ -225,7 +229,7 @@ class Recovery:
         """Take a study off the queue without waiting for the delete to be durable (the loop
         keeps fetching meanwhile): after a crash a study found complete is simply taken off
         again."""
-        entry = self.node.publisher.pending.pop(study_uid, None)
+        entry = self.queue.pop(study_uid, None)
         self.failing.pop(study_uid, None)
         self.full = ""  # a study was stored whole: there is room again
         self.progress.failed.pop(study_uid, None)
@@ -243,7 +247,7 @@ class Recovery:
 
     @property
     def pending(self) -> int:
-        return len(self.node.publisher.pending)
+        return len(self.queue)
 
     def given_up(self, now: float | None = None) -> dict[str, str]:
         """Queued studies that have kept failing for ``give_up`` seconds, with the last reason."""
@@ -251,7 +255,48 @@ class Recovery:
         return {
             uid: f.reason
             for uid, f in self.failing.items()
-            if uid in self.node.publisher.pending and now - f.since >= self.give_up
+            if uid in self.queue and now - f.since >= self.give_up
+        }
+
+    def stuck(self) -> bool:
+        """Planning has failed for ``give_up`` seconds, or the archive is full: ``recover``
+        reports why instead of waiting on."""
+        late = bool(self.error) and time.time() - self.error_since >= self.give_up
+        return late or bool(self.full)
+
+    def next_deadline(self) -> float | None:
+        """Seconds until ``settled``/``stuck`` can change with no event (a failing study or a
+        failing plan reaching ``give_up``); None if only an event can change them."""
+        now = time.time()
+        starts = [f.since for uid, f in self.failing.items() if uid in self.queue]
+        if self.error:
+            starts.append(self.error_since)
+        ahead = [s + self.give_up - now for s in starts if s + self.give_up > now]
+        return max(0.0, min(ahead)) if ahead else None
+
+    async def wait_until(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()``, woken by every change and by the next give-up deadline."""
+        while not done():
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), self.next_deadline())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The recovery part of ``status``."""
+        p = self.progress
+        return {
+            "studies_total": p.studies_total,
+            "studies_done": p.studies_done,
+            "bytes_total": p.bytes_total,
+            "bytes_done": p.bytes_done,
+            "recent_day": p.recent_day,
+            "recent_day_s": p.recent_day_s,
+            "retrying": len(self.failing),
+            "given_up": self.given_up(),
+            "awaiting_record": self.awaiting,
+            "baseline": self.baseline.evidence.value if self.baseline else None,
+            "error": self.error,
+            "full": self.full,
         }
 
     def settled(self) -> bool:
@@ -286,7 +331,7 @@ class Recovery:
                     log.exception("recovery pass failed; retrying")
                     await asyncio.sleep(PLAN_BACKOFF)
                 continue
-            if not self.node.publisher.pending:
+            if not self.queue:
                 self.idle.set()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -313,7 +358,7 @@ class Recovery:
             return []
         return [
             e
-            for e in self.node.publisher.pending.values()
+            for e in self.queue.values()
             if e.study_uid not in self.failing or self.failing[e.study_uid].next_try <= now
         ]
 
@@ -329,7 +374,7 @@ class Recovery:
         """Fetch queued studies (all by default), newest first, ``STUDIES_AT_ONCE`` at a time:
         one study's lookups and manifests overlap another's blobs, so the transfer never idles
         between studies."""
-        pending = self.node.publisher.pending
+        pending = self.queue
         queue = Catalogue.of(
             self.node.site_hex, pending.values() if entries is None else entries
         ).newest_first()
@@ -407,7 +452,7 @@ class Recovery:
 
     def on_demand(self, study_uid: str) -> None:
         """A study fetched by read-through while queued is complete: take it off the queue."""
-        entry = self.node.publisher.pending.get(study_uid)
+        entry = self.queue.get(study_uid)
         if entry is not None and self._complete(entry, self.node.publisher.entries.get(study_uid)):
             self._done(study_uid)
             self._notify()

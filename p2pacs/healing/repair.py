@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from p2pacs import failpoints
 from p2pacs.errors import P2PacsError, ReplicationError, StoreFullError
@@ -56,6 +57,18 @@ class Healer:
         # study first); a pull it takes over returns here at a later pass if still needed
         self.defer: Callable[[str], bool] | None = None
         node.publisher.on_published.append(lambda _studies: self._kick.set())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The repair part of ``status``."""
+        s = self.stats
+        return {
+            "under_replicated": s.under_replicated,
+            "repair_passes": s.passes,
+            "last_repair": s.last_repair or None,
+            "pulls_done": s.pulls_done,
+            "pulls_failed": s.pulls_failed,
+            "repair_paused": s.full,
+        }
 
     def request(self, study_uid: str) -> bool:
         """Queue a pull (from a peer's notification or this site's own plan)."""

@@ -14,10 +14,10 @@ import pydicom
 import pytest
 
 from dht import DhtError, DhtNode
+from p2pacs.control.client import RUNFILE
 from p2pacs.dicom.part10 import split_part10
 from p2pacs.errors import P2PacsError
 from p2pacs.federation.identity import create_federation_dir, enroll_site, load_identity
-from p2pacs.node import RUNFILE
 from p2pacs.testbed import Testbed, free_port, wait_for
 from p2pacs.transfer import Peer, PeerClient
 
