@@ -2,12 +2,14 @@
 
 Every field has a working default, so ``p2pacs init`` (or the first command run against an empty
 directory) yields a usable single-site archive; enrollment in a federation fills the
-``[federation]`` table.
+``[federation]`` table. ``p2pacs config get/set section.key`` reads and edits it with the same
+checks as loading it (``Config.get_key``, ``Config.set_key``, ``Config.check``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,14 @@ __all__ = [
     "FederationConfig",
     "StoreConfig",
     "parse_hostport",
+    "parse_value",
 ]
+
+PORT_SETTINGS = {  # the setting an operator changes when a listener's port is taken
+    "dicom": "dicom.port",
+    "transfer": "federation.transfer_port",
+    "dht": "federation.dht_port",
+}
 
 CONFIG_NAME = "site.toml"
 
@@ -75,7 +84,10 @@ class FederationConfig:
     bootstrap: list[str] = field(default_factory=list)  # "host:dht_port" of sites in other networks
     discovery: bool = True  # announce and browse with mDNS on the local network
     replication: int = const.DEFAULT_REPLICATION
-    down_after: float = 30.0  # seconds without an answer before a site is considered down
+    # seconds without an answer before a member is down: five missed heartbeats (two make it
+    # suspect, still live); long enough for a busy site's slow answer, short enough that R is
+    # restored within seconds of a crash
+    down_after: float = 10.0
     repair_interval: float = 10.0  # seconds between anti-entropy passes
     record_ttl: float = const.RECORD_TTL  # seconds a DHT record lives unless republished
     recover_give_up: float = 600.0  # seconds a study may keep failing before recover reports it
@@ -95,16 +107,175 @@ class Config:
             raise ConfigError(
                 f"no {CONFIG_NAME} at {path.parent}; run 'p2pacs init' there"
             ) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"cannot read {path}: not a text file ({exc})") from exc
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
-        return cls(
+        config = cls(
             store=_section(StoreConfig, raw, "store", path),
             dicom=_section(DicomConfig, raw, "dicom", path),
             federation=_section(FederationConfig, raw, "federation", path),
         )
+        unknown = sorted(set(raw) - {"store", "dicom", "federation"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown table(s): {', '.join(unknown)}")
+        problems = config.check()
+        if problems:
+            raise ConfigError(f"{path}: " + "; ".join(problems))
+        return config
 
     def save(self, path: Path) -> None:
-        path.write_text(tomli_w.dumps(dataclasses.asdict(self)))
+        """Write atomically (a reader never sees half a file)."""
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(tomli_w.dumps(dataclasses.asdict(self)))
+        os.replace(tmp, path)
+
+    def check(self) -> list[str]:
+        """What is wrong with the values (each problem names its key); empty when all is well."""
+        problems: list[str] = []
+        d, f, st = self.dicom, self.federation, self.store
+        for key, port in (
+            ("dicom.port", d.port),
+            ("federation.transfer_port", f.transfer_port),
+            ("federation.dht_port", f.dht_port),
+        ):
+            if not 0 <= port < 65536:
+                problems.append(f"{key} = {port} is not a port (1-65535, or 0 for any free one)")
+        if f.enabled and d.port and d.port == f.transfer_port and d.bind == f.bind:
+            problems.append(
+                f"dicom.port and federation.transfer_port are both {d.port} (both TCP): "
+                "give them different ports"
+            )
+        if not 0 < len(d.ae_title.strip()) <= 16:
+            problems.append(f"dicom.ae_title {d.ae_title!r} must be 1 to 16 characters")
+        for ae, addr in d.destinations.items():
+            if not 0 < len(ae) <= 16:
+                problems.append(f"dicom.destinations: AE title {ae!r} must be 1 to 16 characters")
+            if not isinstance(addr, str):
+                problems.append(f'dicom.destinations.{ae} must be "host:port"')
+                continue
+            try:
+                parse_hostport(addr)
+            except ConfigError as exc:
+                problems.append(f"dicom.destinations.{ae}: {exc}")
+        for b in f.bootstrap:
+            try:
+                parse_hostport(b)
+            except ConfigError as exc:
+                problems.append(f"federation.bootstrap: {exc}")
+        if d.max_pdu < 0:
+            problems.append("dicom.max_pdu must be 0 (unlimited) or more")
+        if f.replication < 1:
+            problems.append(f"federation.replication = {f.replication} must be 1 or more")
+        for key, value in (
+            ("dicom.network_timeout", d.network_timeout),
+            ("federation.down_after", f.down_after),
+            ("federation.repair_interval", f.repair_interval),
+            ("federation.record_ttl", f.record_ttl),
+            ("federation.recover_give_up", f.recover_give_up),
+        ):
+            if not value > 0:
+                problems.append(f"{key} = {value} must be more than 0 seconds")
+        if st.map_size < 1 << 20:
+            problems.append(f"store.map_size = {st.map_size} must be at least 1 MiB (1048576)")
+        return problems
+
+    # --- one setting at a time: 'p2pacs config get/set' ---------------------------------------
+
+    def get_key(self, key: str) -> Any:
+        """The value of ``section.key`` (e.g. ``federation.dht_port``)."""
+        section, name = _split_key(key)
+        return getattr(getattr(self, section), name)
+
+    def set_key(self, key: str, text: str) -> Any:
+        """Set ``section.key`` from its command-line text, checked like a loaded file; returns
+        the value set. Nothing changes when the value is refused."""
+        section, name = _split_key(key)
+        table = getattr(self, section)
+        current = getattr(table, name)
+        value = parse_value(text, current, key)
+        changed = dataclasses.replace(table, **{name: value})
+        problems = dataclasses.replace(self, **{section: changed}).check()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        setattr(table, name, value)
+        return value
+
+    @staticmethod
+    def setting_keys() -> list[str]:
+        """Every ``section.key`` a site.toml may hold."""
+        sections: dict[str, Any] = {
+            "store": StoreConfig,
+            "dicom": DicomConfig,
+            "federation": FederationConfig,
+        }
+        return [
+            f"{name}.{f.name}" for name, kind in sections.items() for f in dataclasses.fields(kind)
+        ]
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    section, dot, name = key.partition(".")
+    if not dot or key not in Config.setting_keys():
+        raise ConfigError(
+            f"unknown setting {key!r}; known settings: {', '.join(Config.setting_keys())}"
+        )
+    return section, name
+
+
+def parse_value(text: str, current: Any, key: str) -> Any:
+    """Command-line text to a value of ``current``'s type: numbers with an optional k/M/G/T
+    binary suffix for sizes, true/false, comma-separated lists, ``AE=host:port,...`` tables,
+    or any TOML value (``[...]``, ``{...}``)."""
+    kind = type(current)
+    text = text.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "yes", "on", "1"):
+                return True
+            if lowered in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if kind is int:
+            units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+            suffix = text[-1:].lower()
+            if suffix in units:
+                return int(float(text[:-1]) * units[suffix])
+            return int(text, 0)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+        if kind is list:
+            if text.startswith("["):
+                value = tomllib.loads(f"v = {text}")["v"]
+            else:
+                value = [item.strip() for item in text.split(",") if item.strip()]
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+        if kind is dict:
+            if text.startswith("{"):
+                value = tomllib.loads(f"v = {text}")["v"]
+            else:
+                value = {}
+                for item in filter(None, (i.strip() for i in text.split(","))):
+                    name, sep, addr = item.partition("=")
+                    if not sep:
+                        raise ValueError
+                    value[name.strip()] = addr.strip()
+            return value
+    except (ValueError, tomllib.TOMLDecodeError):
+        pass
+    hint = {
+        bool: "true or false",
+        int: "a whole number (sizes may end in k, M, G or T)",
+        float: "a number",
+        list: "a comma-separated list",
+        dict: "AE=HOST:PORT[,AE=HOST:PORT...]",
+    }.get(kind, kind.__name__)
+    raise ConfigError(f"{key}: {text!r} is not {hint}")
 
 
 S = TypeVar("S")

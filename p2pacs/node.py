@@ -1,7 +1,8 @@
 """One site as a running service: archive, DICOM gateway and, when enrolled, the federation.
 
-``SiteNode`` owns every long-lived part of a site and stops them in reverse order, so
-``p2pacs serve`` shuts down cleanly on SIGTERM/SIGINT and a test can start a site in-process.
+``SiteNode`` owns every long-lived part of a site and stops them (the gateway first, so no new
+DICOM work starts, then the federation, then the archive), so ``p2pacs serve`` shuts down
+cleanly on SIGTERM/SIGINT and a test can start a site in-process.
 """
 
 from __future__ import annotations

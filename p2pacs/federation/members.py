@@ -22,9 +22,17 @@ import msgpack
 from p2pacs.federation.catalogue import SiteRecord
 from p2pacs.store import SiteDB
 
-__all__ = ["ClockVerdict", "Member", "MemberTable", "clock_verdict"]
+__all__ = ["ClockVerdict", "Member", "MemberTable", "clock_verdict", "heartbeat_interval"]
 
 SEEN_PERSIST = 30.0  # seconds between writes of a member's last_seen (heartbeats are ~1 s)
+
+
+HEARTBEATS_TO_DOWN = 5  # missed heartbeats before a member is down (two make it suspect)
+
+
+def heartbeat_interval(down_after: float) -> float:
+    """Seconds between heartbeats: ``down_after`` spans five of them (0.5 s to 5 s)."""
+    return max(0.5, min(5.0, down_after / HEARTBEATS_TO_DOWN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +66,16 @@ class Member:
         return self.record.name
 
     def is_up(self, down_after: float, now: float | None = None) -> bool:
+        """Live: answered within ``down_after`` (up or only suspected)."""
         return (now if now is not None else time.time()) - self.last_seen < down_after
+
+    def state(self, down_after: float, now: float | None = None) -> str:
+        """``up``; ``suspect`` after two missed heartbeats (still live: placement does not
+        move for one slow answer, so copies don't flap); ``down`` after ``down_after``."""
+        age = (now if now is not None else time.time()) - self.last_seen
+        if age >= down_after:
+            return "down"
+        return "suspect" if age >= 2 * heartbeat_interval(down_after) else "up"
 
 
 class MemberTable:

@@ -38,7 +38,13 @@ from p2pacs.federation.catalogue import (
 )
 from p2pacs.federation.identity import load_identity
 from p2pacs.federation.manifest import Manifest, ManifestEntry
-from p2pacs.federation.members import ClockVerdict, Member, MemberTable, clock_verdict
+from p2pacs.federation.members import (
+    ClockVerdict,
+    Member,
+    MemberTable,
+    clock_verdict,
+    heartbeat_interval,
+)
 from p2pacs.federation.publisher import Publisher
 from p2pacs.federation.routes import install_peer_routes
 from p2pacs.index import Version
@@ -157,6 +163,7 @@ class FederationNode:
         self._corrupt_queued: set[str] = set()
         self.corrupt_repaired = 0
         self._clock_was_off = False
+        self._member_states: dict[bytes, str] = {}
         self.ready = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -262,6 +269,7 @@ class FederationNode:
                 "name": m.name,
                 "site_id": m.site_id.hex(),
                 "up": m.is_up(self.config.down_after, now),
+                "state": m.state(self.config.down_after, now),
                 "last_seen_s": round(now - m.last_seen, 1) if m.last_seen else None,
                 "address": f"{m.record.host}:{m.record.transfer_port}",
                 "studies": m.record.studies,
@@ -352,7 +360,7 @@ class FederationNode:
         return {self.site_id} | {m.site_id for m in self.live_members()}
 
     async def _heartbeat_loop(self) -> None:
-        interval = max(0.5, min(5.0, self.config.down_after / 4))
+        interval = heartbeat_interval(self.config.down_after)
         while True:
             try:
                 await self.heartbeat()
@@ -374,7 +382,25 @@ class FederationNode:
         for site_id in candidates - known - {self.site_id}:
             await self.refresh_member(site_id)
         await asyncio.gather(*(self._ping(m) for m in self.members), return_exceptions=True)
+        self._log_member_changes()
         self._check_clock()
+
+    def _log_member_changes(self) -> None:
+        """One log line per change of a member's state (down, back, suspected)."""
+        now = time.time()
+        for m in self.members:
+            state = m.state(self.config.down_after, now)
+            before = self._member_states.get(m.site_id)
+            self._member_states[m.site_id] = state
+            if before is None or before == state:
+                continue
+            silent = now - m.last_seen if m.last_seen else 0.0
+            if state == "down":
+                log.warning("member %s is down: no answer for %.0f s", m.name, silent)
+            elif state == "suspect":
+                log.info("member %s is suspected: no answer for %.1f s", m.name, silent)
+            elif before == "down":
+                log.warning("member %s is back", m.name)
 
     def clock(self) -> ClockVerdict:
         live = {m.site_id for m in self.live_members()}

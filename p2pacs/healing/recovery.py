@@ -405,8 +405,12 @@ class Recovery:
 
         await asyncio.gather(*(one(entry) for entry in queue))
         p.current = ""
-        if not pending:
+        if not pending and not p.finished:
             p.finished = time.time()
+            log.warning(
+                "recovery finished: %d studies, %d instances, %.1f MB in %.1f s",
+                p.studies_done, p.instances, p.bytes_done / 1e6, p.finished - p.started,
+            )  # fmt: skip
         if p.studies_done != done_before:  # the catalogue changed: studies came back
             self.node.publisher.mark([])
             await self.node.publisher.publish_site()

@@ -141,7 +141,15 @@ class Healer:
         plan = plan_repairs(complete, live, self.node.site_id, self.replication, incomplete)
         self.stats.passes += 1
         self.stats.last_pass = time.time()
-        self.stats.under_replicated = len(plan.under_replicated)
+        before, after = self.stats.under_replicated, len(plan.under_replicated)
+        self.stats.under_replicated = after
+        if after and not before:
+            log.warning(
+                "repair started: %d studies have fewer than %d live copies; this site pulls %d",
+                after, self.replication, len(plan.pull),
+            )  # fmt: skip
+        elif before and not after:
+            log.warning("repair finished: every study has %d live copies", self.replication)
         for uid in plan.pull:
             self.request(uid)
         await self._notify(plan.notify)

@@ -92,6 +92,7 @@ def test_wiped_site_recovers_and_resumes_after_sigkill(testbed: Testbed, tmp_pat
     # every instance fetched after the restart was new here: nothing stored was fetched again
     assert status["instances"] == len(stored)
     assert status["federation"]["instance_blobs_fetched"] == len(stored) - held_before
+    assert "recovery finished" in clinic.log_path.read_text()
     assert lost_at(clinic, studies, originals(stored)) == []
     scrub_clean(clinic)
 
@@ -123,6 +124,20 @@ def test_survivors_restore_r_when_a_site_dies(
     wait_replicated(lab, studies, 2, timeout=90)  # the two survivors now both hold everything
     for name in ("research-lab", "clinic-b"):
         assert lost_at(testbed[name], studies, originals(stored)) == []
+
+    def after_the_kill(site_name: str) -> str:
+        text = testbed[site_name].log_path.read_text()
+        down = text.find("member clinic-a is down")
+        return text[down:] if down >= 0 else ""
+
+    survivors = ("research-lab", "clinic-b")
+    # each survivor logs the death; the one that saw copies missing logs the repair's end
+    assert wait_for(
+        lambda: all(map(after_the_kill, survivors))
+        and any("repair finished" in after_the_kill(n) for n in survivors),
+        30,
+        0.25,
+    )
 
 
 def test_corrupt_blob_repaired_by_scrub(testbed: Testbed, fault_instances: list[Path]) -> None:
