@@ -8,6 +8,7 @@ from dht.errors import (
     LookupFailedError,
     RecordError,
     RemoteProtocolError,
+    StoreFullError,
 )
 from dht.node import Contact, DhtNode, Entry
 
@@ -20,4 +21,5 @@ __all__ = [
     "LookupFailedError",
     "RecordError",
     "RemoteProtocolError",
+    "StoreFullError",
 ]

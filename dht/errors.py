@@ -8,6 +8,7 @@ __all__ = [
     "LookupFailedError",
     "RecordError",
     "RemoteProtocolError",
+    "StoreFullError",
 ]
 
 
@@ -25,6 +26,11 @@ class RemoteProtocolError(DhtError):
 
 class RecordError(RemoteProtocolError):
     """A record failed verification (signature, certificate, seal or expiry)."""
+
+
+class StoreFullError(LocalProtocolError):
+    """This node's record store is full even after dropping expired records; raise the
+    store's capacity (p2pacs: ``[federation] dht_capacity``)."""
 
 
 class LookupFailedError(DhtError):

@@ -35,7 +35,7 @@ from dht.const import (
     REPUBLISH_INTERVAL,
     K,
 )
-from dht.errors import LocalProtocolError, LookupFailedError, RecordError
+from dht.errors import LocalProtocolError, LookupFailedError, RecordError, StoreFullError
 from dht.lookup import Answer, LookupResult, iterative_lookup
 from dht.membership import Federation, Identity, verify_member_certificate
 from dht.protocol import DhtProtocol
@@ -52,7 +52,7 @@ from dht.records import (
     unseal_value,
     verify_record,
 )
-from dht.storage import LmdbRecordStore, MemoryRecordStore, OwnEntry, RecordStore
+from dht.storage import MAP_SIZE, LmdbRecordStore, MemoryRecordStore, OwnEntry, RecordStore
 
 __all__ = ["Contact", "DhtNode", "Entry", "GetResult"]
 
@@ -133,13 +133,16 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
         host: str = "127.0.0.1",
         port: int = 0,
         storage_path: Path | None = None,
+        capacity: int = MAP_SIZE,
         bootstrap: Sequence[Addr] = (),
         republish_interval: float = REPUBLISH_INTERVAL,
         rpc_timeout: float = 1.0,
         rate: tuple[float, float] = (RATE_PER_PEER, BURST_PER_PEER),
     ) -> DhtNode:
         """Listen on ``host:port`` (0 = any free port), then join via ``bootstrap`` and the
-        contacts saved at the last stop. ``rate`` = (datagrams/s, burst) allowed per peer."""
+        contacts saved at the last stop. ``rate`` = (datagrams/s, burst) allowed per peer;
+        ``capacity``: bytes the LMDB record store may use (full: stores are refused, counted as
+        ``store_full``, and answered at once, never left to time out)."""
         try:
             own_id = verify_member_certificate(identity.certificate, federation.ca_cert)
         except RecordError as exc:
@@ -147,7 +150,9 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
         if own_id != identity.site_id:
             raise LocalProtocolError("the site certificate does not match the site's private key")
         store: RecordStore = (
-            MemoryRecordStore() if storage_path is None else LmdbRecordStore(Path(storage_path))
+            MemoryRecordStore()
+            if storage_path is None
+            else LmdbRecordStore(Path(storage_path), capacity)
         )
         node = cls(
             identity,
@@ -410,14 +415,23 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
     async def _publish(self, record: Record) -> int:
         proto = self._proto
         raw = encode_record(record)
-        self.storage.put(record, time.time())
+        try:
+            self.storage.put(record, time.time())
+        except StoreFullError:  # the k closest nodes still get it; our own entry is kept apart
+            self._stats["store_full"] += 1
         if not self._has_peers():
             return 1
         result = await self._lookup(record.dht_key, want_values=False)
         targets = result.closest[:K]
         acks = await asyncio.gather(*(proto.call_store(n, raw) for n in targets))
-        stored = sum(acks)
+        stored = sum(ack is True for ack in acks)
         if stored == 0:
+            refused = sum(ack is False for ack in acks)
+            if refused:
+                raise LookupFailedError(
+                    f"{refused} of {len(targets)} peers refused the record: their DHT stores "
+                    "are full (they count store_full); raise their dht_capacity"
+                )
             raise LookupFailedError(
                 f"no peer stored the record ({len(targets)} asked); the node's contacts may be "
                 "down, bootstrap again"

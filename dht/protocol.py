@@ -33,7 +33,7 @@ from dht.const import (
     SILENT_MAX,
     K,
 )
-from dht.errors import DhtError, LocalProtocolError, RecordError
+from dht.errors import DhtError, LocalProtocolError, RecordError, StoreFullError
 from dht.lookup import Answer
 from dht.membership import Federation, Identity
 from dht.records import CertVerifier, Member, decode_record, encode_record, verify_record
@@ -410,7 +410,12 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         except RecordError:
             self.stats["records_rejected"] += 1
             raise
-        stored = self.storage.put(record, now)
+        try:
+            stored = self.storage.put(record, now)
+        except StoreFullError:
+            self.stats["store_full"] += 1  # answered "not stored", never left to time out
+            self._quiet.warning("store_full", "DHT record store full: refusing records")
+            return False
         if stored:
             self.stats["records_stored"] += 1
         return True
@@ -436,9 +441,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
             self.stats["contacts_malformed"] += 1
         return Answer(nodes, records)
 
-    async def call_store(self, node: Node, raw: bytes) -> bool:
+    async def call_store(self, node: Node, raw: bytes) -> bool | None:
+        """True: stored; False: the node answered but refused it (full store); None: no
+        answer."""
         answer = await self._call_node(node, "store", [raw])
-        return answer is True
+        return None if answer is None else answer is True
 
     def close_pending(self) -> None:
         for future, _ in self._pending.values():

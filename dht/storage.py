@@ -18,13 +18,13 @@ import lmdb
 import msgpack
 from kademlia.storage import IStorage
 
-from dht.errors import LocalProtocolError, RecordError
+from dht.errors import LocalProtocolError, RecordError, StoreFullError
 from dht.records import Record, decode_record, encode_record
 
 __all__ = ["LmdbRecordStore", "MemoryRecordStore", "OwnEntry", "RecordStore"]
 
 MAX_PUBLISHERS_PER_KEY = 64  # a study is held by R (default 2) sites; 64 leaves ample room
-MAP_SIZE = 1 << 30  # bytes of address space reserved for one node's LMDB (sparse on disk)
+MAP_SIZE = 1 << 30  # bytes: default capacity of one node's LMDB (sparse on disk)
 _EXP = struct.Struct(">Q")
 
 
@@ -65,7 +65,13 @@ class RecordStore(IStorage):  # type: ignore[misc]  # kademlia is untyped
             self._delete(record.dht_key, record.publisher, old.expires_ms)
         elif self._count_key(record.dht_key) >= MAX_PUBLISHERS_PER_KEY:
             return False
-        self._put_raw(record, encode_record(record))
+        raw = encode_record(record)
+        try:
+            self._put_raw(record, raw)
+        except StoreFullError:
+            if not self.cull(now):  # expired records make room first
+                raise
+            self._put_raw(record, raw)
         return True
 
     def records(self, dht_key: bytes, now: float) -> list[Record]:
@@ -208,10 +214,11 @@ class LmdbRecordStore(RecordStore):
     are soft state (their publishers republish them); own entries are flushed on ``close``.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, capacity: int = MAP_SIZE) -> None:
+        self.capacity = capacity
         try:
             path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(path), max_dbs=4, map_size=MAP_SIZE, sync=False)
+            self._env = lmdb.open(str(path), max_dbs=4, map_size=capacity, sync=False)
         except (OSError, lmdb.Error) as exc:
             raise LocalProtocolError(f"cannot open DHT storage at {path}: {exc}") from exc
         self._rec = self._env.open_db(b"records")
@@ -225,11 +232,18 @@ class LmdbRecordStore(RecordStore):
         return None if raw is None else bytes(raw)
 
     def _put_raw(self, record: Record, raw: bytes) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(record.dht_key + record.publisher, raw, db=self._rec)
-            txn.put(
-                _EXP.pack(record.expires_ms) + record.dht_key + record.publisher, b"", db=self._exp
-            )
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.put(record.dht_key + record.publisher, raw, db=self._rec)
+                txn.put(
+                    _EXP.pack(record.expires_ms) + record.dht_key + record.publisher,
+                    b"",
+                    db=self._exp,
+                )
+        except lmdb.MapFullError:
+            raise StoreFullError(
+                f"the DHT record store is full ({self.capacity} bytes); raise its capacity"
+            ) from None
 
     def _delete(self, dht_key: bytes, publisher: bytes, expires_ms: int) -> None:
         with self._env.begin(write=True) as txn:
@@ -274,8 +288,13 @@ class LmdbRecordStore(RecordStore):
             return [OwnEntry.unpack(bytes(v)) for _, v in txn.cursor()]
 
     def put_own(self, entry: OwnEntry) -> None:
-        with self._env.begin(write=True, db=self._own) as txn:
-            txn.put(entry.dht_key, entry.pack())
+        try:
+            with self._env.begin(write=True, db=self._own) as txn:
+                txn.put(entry.dht_key, entry.pack())
+        except lmdb.MapFullError:
+            raise StoreFullError(
+                f"the DHT record store is full ({self.capacity} bytes); raise its capacity"
+            ) from None
 
     def drop_own(self, dht_key: bytes) -> None:
         with self._env.begin(write=True, db=self._own) as txn:

@@ -90,6 +90,7 @@ class FederationConfig:
     down_after: float = 10.0
     repair_interval: float = 10.0  # seconds between anti-entropy passes
     record_ttl: float = const.RECORD_TTL  # seconds a DHT record lives unless republished
+    dht_capacity: int = const.DHT_CAPACITY  # bytes the DHT record store may use
     recover_give_up: float = 600.0  # seconds a study may keep failing before recover reports it
 
 

@@ -23,3 +23,4 @@ DEFAULT_MAX_PDU = 0  # 0 = unlimited; pynetdicom's fastest setting for large ins
 DUL_POLL_DELAY = 0.0001  # seconds pynetdicom's DUL thread sleeps when idle (its default: 1 ms)
 
 RECORD_TTL = 48 * 3600.0  # seconds a DHT record lives unless republished (libp2p's 48 h)
+DHT_CAPACITY = 4 << 30  # bytes: ~3 M DHT records of ~1.3 KB held for the federation (sparse)

@@ -184,6 +184,7 @@ class FederationNode:
             host=cfg.bind,
             port=cfg.dht_port,
             storage_path=self.site.dht_path,
+            capacity=cfg.dht_capacity,
             bootstrap=bootstrap,
             # own records are re-signed well before they lapse, even with a short TTL
             republish_interval=min(REPUBLISH_INTERVAL, cfg.record_ttl / 4),

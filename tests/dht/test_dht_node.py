@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dht import DhtNode, LocalProtocolError, LookupFailedError, RecordError
+from dht import DhtNode, LocalProtocolError, LookupFailedError, RecordError, StoreFullError
 from dht.membership import FederationCA
 
 from dht_helpers import make_identity, network
@@ -181,3 +181,42 @@ async def test_own_record_opens_elsewhere_and_past_its_expiry(ca: FederationCA) 
         with pytest.raises(RecordError, match="expired"):
             b.open_record("site", a.site_id.hex(), raw)
         assert b.open_record("site", a.site_id.hex(), raw, allow_expired=True).seq == entry.seq
+
+
+async def test_full_store_refuses_at_once_and_says_so(ca: FederationCA, tmp_path: Path) -> None:
+    """A node whose record store is full answers stores "not stored" (no timeout for the
+    sender), counts them, and keeps serving what it holds; its own publications still reach
+    the others."""
+    small = 256 * 1024  # bytes: a few hundred records
+    a = await DhtNode.start(
+        make_identity(ca, "small"), ca.federation, storage_path=tmp_path / "a", capacity=small
+    )
+    b = await DhtNode.start(
+        make_identity(ca, "big"),
+        ca.federation,
+        storage_path=tmp_path / "b",
+        bootstrap=[a.address],
+        rpc_timeout=2.0,
+    )
+    try:
+        first = "1.2.0"
+        assert await b.put("study", first, b"held", 600) == 2
+        refused_at = None
+        for i in range(1, 2000):  # bounded: the store fills long before
+            started = time.monotonic()
+            try:
+                await b.put("study", f"1.2.{i}", b"x" * 200, 600)
+            except LookupFailedError as exc:  # its one peer refused it
+                assert "refused" in str(exc) and "full" in str(exc)
+                refused_at = time.monotonic() - started
+                break
+        assert refused_at is not None, "the small store never filled"
+        assert refused_at < 1.0  # answered, not left to the 2 s RPC timeout
+        assert a.stats["store_full"] >= 1
+        assert [e.value for e in await b.get("study", first)] == [b"held"]
+        with pytest.raises(StoreFullError, match="full"):  # its own entries: a clear error
+            for i in range(2000):
+                await a.put("site", f"own-{i}", b"y" * 200, 600)
+    finally:
+        await b.stop()
+        await a.stop()
