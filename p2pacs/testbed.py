@@ -24,7 +24,7 @@ from typing import Any
 
 from p2pacs import const
 from p2pacs.errors import P2PacsError, PeerUnavailableError
-from p2pacs.node import RUNFILE
+from p2pacs.control.client import RUNFILE
 from p2pacs.site import Site
 
 __all__ = ["SiteProcess", "Testbed", "free_port", "wait_for"]
@@ -174,7 +174,7 @@ class SiteProcess:
         (self.path / RUNFILE).unlink(missing_ok=True)
 
     def status(self) -> dict[str, Any]:
-        from p2pacs.cli.local import connect
+        from p2pacs.control.client import connect
 
         async def run() -> dict[str, Any]:
             async with connect(self.site, timeout=15) as node:
@@ -183,7 +183,7 @@ class SiteProcess:
         return asyncio.run(run())
 
     def find(self, study_uid: str) -> list[dict[str, Any]]:
-        from p2pacs.cli.local import connect
+        from p2pacs.control.client import connect
 
         async def run() -> list[dict[str, Any]]:
             async with connect(self.site, timeout=30) as node:
