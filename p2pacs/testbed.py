@@ -23,8 +23,8 @@ from types import TracebackType
 from typing import Any
 
 from p2pacs import const
-from p2pacs.errors import P2PacsError, PeerUnavailableError
 from p2pacs.control.client import RUNFILE
+from p2pacs.errors import P2PacsError, PeerUnavailableError
 from p2pacs.site import Site
 
 __all__ = ["SiteProcess", "Testbed", "free_port", "wait_for"]
