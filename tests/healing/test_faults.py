@@ -133,8 +133,10 @@ def test_survivors_restore_r_when_a_site_dies(
     survivors = ("research-lab", "clinic-b")
     # each survivor logs the death; the one that saw copies missing logs the repair's end
     assert wait_for(
-        lambda: all(map(after_the_kill, survivors))
-        and any("repair finished" in after_the_kill(n) for n in survivors),
+        lambda: (
+            all(map(after_the_kill, survivors))
+            and any("repair finished" in after_the_kill(n) for n in survivors)
+        ),
         30,
         0.25,
     )
