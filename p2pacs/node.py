@@ -117,7 +117,6 @@ class SiteNode:
         control = ControlPlane(fed, healer, recovery, self.status)
         await fed.start(control.install)
         self.archive.repair_hook = lambda h: bool(fed.call(repair_blob(fed, h), 120.0))
-        fed.publisher.mark(s.study_uid for s in self.archive.index.studies())
 
     def _ensure_local(self, study_uids: list[str]) -> None:
         if self.federation is not None:

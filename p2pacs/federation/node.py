@@ -234,6 +234,7 @@ class FederationNode:
 
     async def _run(self) -> None:
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.publisher.catch_up(), name="catch-up")
             tg.create_task(self.publisher.run(), name="publish")
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
             tg.create_task(self._repair_served_loop(), name="repair-served")
@@ -292,6 +293,7 @@ class FederationNode:
             "corrupt_served": self.server.stats["corrupt"] if self.server is not None else 0,
             "corrupt_repaired": self.corrupt_repaired,
             "catalogue": self.publisher.catalogue_hash,
+            "studies_published": self.publisher.studies_published,
             "clock": {
                 "offset_s": None if clock.offset is None else round(clock.offset, 1),
                 "members": clock.members,

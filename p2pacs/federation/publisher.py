@@ -12,6 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future
+from typing import Any
+
+import msgpack
 
 from p2pacs import failpoints
 from p2pacs.archive import Archive
@@ -66,6 +70,35 @@ class Publisher:
         self.on_published: list[Callable[[list[str]], None]] = []
         self.on_catalogue: Callable[[str], Awaitable[None]] | None = None
         self.on_site_record: Callable[[], Awaitable[None]] | None = None
+        self._table = archive.db.db("fed_published")  # study -> what was last published of it
+        self.loaded = asyncio.Event()  # set by ``catch_up``: nothing is published before
+        self.studies_published = 0  # study records put on the DHT by this run
+
+    async def catch_up(self) -> None:
+        """At start, off the event loop: load what was last published and mark only the
+        studies that changed since, so a restart costs one read pass, not one manifest and
+        one DHT put per study held (and the catalogue never regresses to a partial one)."""
+        table, index = self._table, self.archive.index
+
+        def scan() -> tuple[dict[str, CatalogueEntry], list[str]]:
+            entries: dict[str, CatalogueEntry] = {}
+            with self.archive.db.read() as txn:
+                for key, raw in txn.cursor(db=table):
+                    uid = bytes(key).decode()
+                    entries[uid] = CatalogueEntry(uid, *msgpack.unpackb(raw, raw=False))
+            changed = [
+                s.study_uid
+                for s in index.studies()
+                if (e := entries.get(s.study_uid)) is None or e.updated != s.updated
+            ]
+            return entries, changed
+
+        entries, changed = await asyncio.to_thread(scan)
+        self.entries = {**entries, **self.entries}
+        self.loaded.set()
+        if changed:
+            log.info("%d studies changed since they were last published", len(changed))
+        self.mark(changed)  # also publishes site/<id> once the site is ready
 
     def mark(self, study_uids: Iterable[str]) -> None:
         """Thread-unsafe: call on the loop (the node bridges ingest threads here)."""
@@ -77,6 +110,7 @@ class Publisher:
 
     async def run(self) -> None:
         """Publish forever: wake on dirty studies, batch, publish."""
+        await self.loaded.wait()
         while True:
             await self._wake.wait()
             await asyncio.sleep(BATCH_WINDOW)
@@ -91,6 +125,7 @@ class Publisher:
                 self._wake.set()
 
     async def publish(self, studies: list[str]) -> None:
+        published: list[CatalogueEntry] = []
         for uid in studies:
             manifest = await asyncio.to_thread(self.manifest_of, uid)
             if not manifest.entries:
@@ -107,10 +142,34 @@ class Publisher:
                 holding = StudyHolding(h, manifest.instances, manifest.total_bytes)
                 await self._put(STUDY_NAMESPACE, uid, holding.encode(), self.record_ttl)
                 self.entries[uid] = entry
+                published.append(entry)
+                self.studies_published += 1
+        if published:
+            await asyncio.wrap_future(self._remember(published))
         await self.publish_site()
         for listener in self.on_published:
             listener(studies)
         self.published.set()
+
+    def _remember(self, entries: list[CatalogueEntry]) -> Future[None]:
+        """Persist what was published, in one write (``catch_up`` reads it at the next start)."""
+        rows = [
+            (
+                e.study_uid.encode(),
+                msgpack.packb(
+                    [e.manifest_hash, e.study_date, e.instances, e.bytes, e.updated],
+                    use_bin_type=True,
+                ),
+            )
+            for e in entries
+        ]
+        table = self._table
+
+        def job(txn: Any) -> None:
+            for key, raw in rows:
+                txn.put(key, raw, db=table)
+
+        return self.archive.db.submit(job)
 
     async def publish_site(self) -> None:
         """Store the catalogue blob (held + still-recovering studies) and put ``site/<id>``.
@@ -119,6 +178,7 @@ class Publisher:
         from replacing its catalogue with an empty one."""
         if not self.site_ready.is_set():
             return
+        await self.loaded.wait()  # a catalogue without the studies published before: never
         await failpoints.async_hit("catalogue.publish", FederationError)
         merged = {**self.entries, **{e.study_uid: e for e in self.queued()}}  # keep old entries
         catalogue = Catalogue.of(self.site_hex, merged.values())

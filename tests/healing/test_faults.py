@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from p2pacs.federation.identity import load_identity
 from p2pacs.samples import generate_instances
 from p2pacs.site import Site
 from p2pacs.store import hash_bytes
-from p2pacs.testbed import Testbed, wait_for
+from p2pacs.testbed import SiteProcess, Testbed, wait_for
 from p2pacs.transfer.client import Peer, PeerClient
 
 from fault_helpers import (
@@ -112,6 +113,26 @@ def test_two_sites_restarted_at_once_lose_nothing(
     for site in [clinic, *others]:  # read-through fills in whatever a site does not hold
         assert lost_at(site, studies, sent) == []
         scrub_clean(site)
+
+
+def test_restart_republishes_only_what_changed(
+    testbed: Testbed, fault_instances: list[Path]
+) -> None:
+    """A restarted site reads what it last published instead of publishing every study again,
+    and its catalogue comes back the same."""
+    clinic = testbed["clinic-a"]
+    _, studies = ingest_replicated(clinic, fault_instances)
+
+    def published(site: SiteProcess) -> dict[str, Any]:
+        fed = site.status()["federation"]
+        return {"catalogue": fed["catalogue"], "studies_published": fed["studies_published"]}
+
+    assert published(clinic)["studies_published"] >= len(studies)
+    before = published(clinic)["catalogue"]
+    clinic.stop()
+    clinic.start()
+    assert wait_for(lambda: published(clinic)["catalogue"] == before, 30, 0.25)
+    assert published(clinic)["studies_published"] == 0
 
 
 def test_survivors_restore_r_when_a_site_dies(
