@@ -23,7 +23,8 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/p2pacs demo
 
-## Install test dependencies (Python extras, Debian's dcmtk, orthanc, faketime) and run lint, types and tests.
+## Install test dependencies (Python extras; Debian's dcmtk, orthanc, faketime, and rsync and
+## openssh-server for the benchmarks' baseline) and run lint, types and tests.
 test: $(TEST_STAMP) debs lint typecheck pytest
 
 debs:
@@ -31,6 +32,8 @@ debs:
 	[ -x /usr/bin/storescu ] || missing="$$missing dcmtk"; \
 	[ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
 	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
+	[ -x /usr/bin/rsync ] || missing="$$missing rsync"; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -6,6 +6,10 @@ TransferServer process, then by two at once (same bytes, two processes); a fresh
 Baseline, same run, same bytes: a server process with an ssl-wrapped socket (the same TLS
 contexts) sends every blob back to back; the client reads and discards them.
 For reference, ``store_only`` writes the same blobs into a fresh durable store with no network.
+What a user would pick instead, same run, same bytes: the blobs as files in a folder (one per
+blob), copied with ``rsync -a --whole-file --fsync`` over ``ssh`` (AES-128-GCM) into a fresh
+folder through a throwaway sshd on loopback that the benchmark starts (``bench/rsync_baseline.py``;
+needs Debian's rsync and openssh-server); ``ratio_vs_rsync`` is one peer's rate over rsync's.
 Each figure is the best of ``--runs`` rounds (default 3): on a VM that hands freed memory back
 to its host, the first touch of new page-cache pages varies run to run by up to 3x.
 The JSON also gives CPU seconds per GiB of the fetcher and the server(s) in the fastest round,
@@ -32,6 +36,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rsync_baseline import RsyncOverSsh, require_tools
 
 from p2pacs.allocator import tune_allocator
 from p2pacs.federation.identity import create_federation_dir, enroll_site, load_identity
@@ -173,6 +181,18 @@ def store_only(dest: Path, src: Path, hashes: list[str]) -> float:
         db.close()
 
 
+def write_files(src: Path, hashes: list[str], folder: Path) -> None:
+    """The blobs of the store at ``src`` as files in ``folder``, one per blob (rsync's input)."""
+    folder.mkdir()
+    db = SiteDB(src, sync=False)
+    try:
+        blobs = BlobStore(db)
+        for h in hashes:
+            (folder / h).write_bytes(blobs.get(h))
+    finally:
+        db.close()
+
+
 def best(runs: int, measure: Callable[[int], float]) -> float:
     """Fewest seconds over ``runs`` rounds; ``measure(i)`` runs round i."""
     return min(measure(i) for i in range(runs))
@@ -242,6 +262,13 @@ def run(mb: float, blob_kb: int, workdir: Path, sync: bool, runs: int) -> dict[s
     store_s = best(runs, lambda _: store_only(fresh("dest"), src, hashes))
     print(f"store only (no network): {rate(store_s):.0f} MB/s", flush=True)
 
+    write_files(src, hashes, workdir / "source-files")
+    with RsyncOverSsh() as rsync:
+        rsync_s = best(runs, lambda _: rsync.copy(workdir / "source-files", fresh("rsync-dest")))
+    shutil.rmtree(workdir / "rsync-dest", ignore_errors=True)
+    fsync = "--fsync" if rsync.fsync else "no --fsync"
+    print(f"rsync {rsync.version} over ssh ({fsync}): {rate(rsync_s):.0f} MB/s", flush=True)
+
     servers = [ServerProcess("--serve", sites[n], src) for n in ("holder-1", "holder-2")]
     try:
         peers = []
@@ -268,7 +295,11 @@ def run(mb: float, blob_kb: int, workdir: Path, sync: bool, runs: int) -> dict[s
         "two_peers_mb_per_s": round(rate(two_s), 1),
         "raw_tls_mb_per_s": round(rate(raw_s), 1),
         "store_only_mb_per_s": round(rate(store_s), 1),
+        "rsync_mib_s": round(rate(rsync_s), 1),
         "ratio_vs_raw": round(raw_s / one_s, 3),
+        "ratio_vs_rsync": round(rsync_s / one_s, 3),
+        "rsync_version": rsync.version,
+        "rsync_fsync": rsync.fsync,
         "raw_cpu_s_per_gib": raw_cpu.per_gib(),
         "one_peer_cpu_s_per_gib": one_cpu.per_gib(),
     }
@@ -291,6 +322,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=3, help="rounds per figure, best kept")
     args = parser.parse_args()
+    require_tools()  # before minutes of set-up: the rsync baseline needs rsync and sshd
     workdir = Path(tempfile.mkdtemp(prefix="p2pacs-bench-transfer-"))
     try:
         result = run(args.mb, args.blob_kb, workdir, not args.no_sync, max(1, args.runs))

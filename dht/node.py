@@ -54,7 +54,16 @@ from dht.records import (
 )
 from dht.storage import MAP_SIZE, LmdbRecordStore, MemoryRecordStore, OwnEntry, RecordStore
 
-__all__ = ["Contact", "DhtNode", "Entry", "GetResult"]
+__all__ = ["DROP_REASONS", "Contact", "DhtNode", "Entry", "GetResult"]
+
+DROP_REASONS = (  # why a datagram was dropped before parsing (dht/wire.py, dht/protocol.py)
+    "dropped_oversized",
+    "dropped_malformed",
+    "dropped_bad_mac",
+    "dropped_stale",
+    "dropped_replay",
+    "dropped_rate_limited",
+)
 
 log = logging.getLogger(__name__)
 Addr = tuple[str, int]
@@ -291,8 +300,9 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: datagrams in/out, drops by reason, records stored/rejected, timeouts."""
-        return dict(self._stats)
+        """Counters: datagrams in/out, drops by reason (each present, 0 until the first),
+        records stored/rejected, timeouts."""
+        return {**dict.fromkeys(DROP_REASONS, 0), **self._stats}
 
     def contacts(self) -> list[Contact]:
         proto = self._proto

@@ -24,3 +24,4 @@ DUL_POLL_DELAY = 0.0001  # seconds pynetdicom's DUL thread sleeps when idle (its
 
 RECORD_TTL = 48 * 3600.0  # seconds a DHT record lives unless republished (libp2p's 48 h)
 DHT_CAPACITY = 4 << 30  # bytes: ~3 M DHT records of ~1.3 KB held for the federation (sparse)
+STATUS_SCHEMA = 1  # "schema" of status's JSON: raised when a field changes meaning or goes

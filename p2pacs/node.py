@@ -18,6 +18,7 @@ from typing import Any
 
 from p2pacs import __version__
 from p2pacs.archive import Archive
+from p2pacs.const import STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
@@ -116,7 +117,19 @@ class SiteNode:
         fed.repair = lambda h: repair_blob(fed, h)  # a blob found rotten while serving a peer
         control = ControlPlane(fed, healer, recovery, self.status)
         await fed.start(control.install)
-        self.archive.repair_hook = lambda h: bool(fed.call(repair_blob(fed, h), 120.0))
+        self.archive.repair_hook = self._repair_read
+
+    def _repair_read(self, h: str) -> bool:
+        """A blob failed its hash when read for a DICOM thread: repair it from a peer, waiting
+        at most two minutes; False (so the read fails cleanly) if that could not be done."""
+        fed = self.federation
+        if fed is None:
+            return False
+        try:
+            return bool(fed.call(repair_blob(fed, h), 120.0))
+        except (P2PacsError, TimeoutError) as exc:
+            log.error("blob %s could not be repaired while reading it: %s", h[:16], exc)
+            return False
 
     def _ensure_local(self, study_uids: list[str]) -> None:
         if self.federation is not None:
@@ -137,6 +150,8 @@ class SiteNode:
             lambda: (archive.index.counts(), archive.blobs.totals())
         )
         out: dict[str, Any] = {
+            "schema": STATUS_SCHEMA,
+            "pid": os.getpid(),
             "version": __version__,
             "site": self.site.config.federation.name or self.site.path.name,
             "ae_title": self.site.config.dicom.ae_title,

@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from dht.errors import DhtError
 from p2pacs import __version__
 from p2pacs.allocator import tune_allocator
 from p2pacs.cli import (
     archive_cmds,
+    config_cmds,
     demo_cmds,
+    doctor_cmds,
     federation_cmds,
     healing_cmds,
     node_cmds,
@@ -28,7 +32,16 @@ from p2pacs.site import default_site_dir
 
 __all__ = ["build_parser", "main"]
 
-_GROUPS = [archive_cmds, serve_cmds, federation_cmds, node_cmds, healing_cmds, demo_cmds]
+_GROUPS = [
+    archive_cmds,
+    serve_cmds,
+    federation_cmds,
+    config_cmds,
+    node_cmds,
+    doctor_cmds,
+    healing_cmds,
+    demo_cmds,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,16 +83,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_allocator()
+    args.site_given = args.site is not None
     if args.site is None:
         args.site = default_site_dir()
+    # every failure ends in one line saying what to do, never in a traceback (-d shows it)
     try:
         return int(args.func(args) or 0)
     except CommandError as exc:
         print(f"p2pacs: {exc}", file=sys.stderr)
         return exc.code
-    except P2PacsError as exc:
+    except (P2PacsError, DhtError) as exc:
+        _debug_traceback(args)
         print(f"p2pacs: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        _debug_traceback(args)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"p2pacs: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("p2pacs: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line, and the traceback with -d
+        _debug_traceback(args)
+        print(
+            f"p2pacs: internal error: {type(exc).__name__}: {exc} "
+            "(run again with -d for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 70  # EX_SOFTWARE
+
+
+def _debug_traceback(args: argparse.Namespace) -> None:
+    if args.debug:
+        traceback.print_exc()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -19,9 +21,17 @@ from rich.progress import (
 )
 
 from p2pacs.archive import Archive
-from p2pacs.site import Site
+from p2pacs.site import Site, default_site_dir, is_site
 
-__all__ = ["CommandError", "console", "err_console", "open_archive", "open_site", "progress_bar"]
+__all__ = [
+    "CommandError",
+    "console",
+    "err_console",
+    "open_archive",
+    "open_site",
+    "progress_bar",
+    "site_source",
+]
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,8 +45,28 @@ class CommandError(Exception):
         self.code = code
 
 
-def open_site(args: argparse.Namespace, *, create: bool = True) -> Site:
-    return Site.open(args.site, create=create)
+def site_source(args: argparse.Namespace) -> str:
+    """Where the site folder came from: ``--site``, ``$P2PACS_SITE`` or the default."""
+    if getattr(args, "site_given", False):
+        return "--site"
+    if os.environ.get("P2PACS_SITE"):
+        return "$P2PACS_SITE"
+    return f"the default (neither --site nor $P2PACS_SITE is set; {default_site_dir()})"
+
+
+def open_site(args: argparse.Namespace) -> Site:
+    """The existing site folder the command works on. Only ``init`` and ``site enroll`` make
+    one: a mistyped ``--site`` must fail, never become a new, unreplicated archive."""
+    path: Path = args.site
+    if not is_site(path):
+        what = "does not exist" if not path.exists() else "is not a site folder (no site.toml)"
+        raise CommandError(
+            f"{path} {what}; it came from {site_source(args)}. Give an existing site with "
+            "--site DIR or $P2PACS_SITE, or create one with 'p2pacs --site DIR init' "
+            "(standalone) or 'p2pacs site enroll' (a federation member)",
+            1,
+        )
+    return Site.open(path)
 
 
 @contextmanager

@@ -2,20 +2,25 @@
 
 Both drive the site's running node when there is one; otherwise they start the node in this
 process for the duration (it serves DICOM meanwhile, so a study asked for during recovery is
-fetched on demand), then stop it.
+fetched on demand), then stop it. "Running" means a process holds the site's lock
+(``node.lock``): a ``node.json`` left by a process killed with SIGKILL or by a power loss is
+stale, and the command starts the site itself, as the runbook says.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
+from p2pacs.cli.serve_cmds import ports_taken_message
 from p2pacs.control.client import LocalNode, connect, node_address
-from p2pacs.site import Site
+from p2pacs.site import Site, SiteRunningError
+
+STARTING_WAIT = 60.0  # seconds to wait for a 'serve' that holds the lock to write node.json
 
 __all__ = ["register"]
 
@@ -32,14 +37,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_scrub)
 
 
-async def _drive(site: Site, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+async def _drive(
+    site: Site, path: str, params: dict[str, str]
+) -> AsyncGenerator[dict[str, Any], None]:
     """Stream a long operation from the running node, starting one here if none runs."""
     async with AsyncExitStack() as stack:
-        if node_address(site) is None:
+        if not site.config.federation.enabled:
+            raise CommandError("this site is not enrolled in a federation", 1)
+        lock = site.lock()
+        try:
+            lock.acquire()
+        except SiteRunningError:  # a serve runs (or is starting): drive it
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + STARTING_WAIT
+            while node_address(site) is None and loop.time() < deadline:
+                await asyncio.sleep(0.5)  # the serve holding the lock writes node.json when up
+        else:  # nobody runs the site (a node.json left by a killed one is stale): run it here
+            stack.callback(lock.release)
             from p2pacs.node import SiteNode
 
-            if not site.config.federation.enabled:
-                raise CommandError("this site is not enrolled in a federation", 1)
+            taken = ports_taken_message(site)
+            if taken:
+                raise CommandError(taken, 1)
             await stack.enter_async_context(SiteNode(site))
         node: LocalNode = await stack.enter_async_context(connect(site))
         async for event in node.stream(path, **params):
@@ -47,22 +66,25 @@ async def _drive(site: Site, path: str, params: dict[str, str]) -> AsyncIterator
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    site = open_site(args, create=True)
+    site = open_site(args)
 
     async def run() -> dict[str, Any]:
         last: dict[str, Any] = {}
         with progress_bar(transfer=True) as bar:
             task = bar.add_task("recover", total=None)
-            async for event in _drive(site, "/v1/recover", {}):
-                if event.get("end"):
-                    last = event
-                    break
-                bar.update(
-                    task,
-                    total=event["bytes_total"] or None,
-                    completed=event["bytes_done"],
-                    description=f"recover {event['studies_done']}/{event['studies_total']} studies",
-                )
+            # aclosing: a node started here stops inside this task, its sockets closed
+            async with aclosing(_drive(site, "/v1/recover", {})) as events:
+                async for event in events:
+                    if event.get("end"):
+                        last = event
+                        break
+                    done, total = event["studies_done"], event["studies_total"]
+                    bar.update(
+                        task,
+                        total=event["bytes_total"] or None,
+                        completed=event["bytes_done"],
+                        description=f"recover {done}/{total} studies",
+                    )
         return last
 
     result = asyncio.run(run())
@@ -80,7 +102,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    site = open_site(args, create=False)
+    site = open_site(args)
     if not site.config.federation.enabled:
         if args.repair:
             raise CommandError("--repair needs a site enrolled in a federation", 2)
@@ -91,11 +113,12 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         with progress_bar() as bar:
             task = bar.add_task("scrub", total=None)
             params = {"repair": "1"} if args.repair else {}
-            async for event in _drive(site, "/v1/scrub", params):
-                if event.get("end"):
-                    last = event
-                    break
-                bar.update(task, total=event["total"], completed=event["checked"])
+            async with aclosing(_drive(site, "/v1/scrub", params)) as events:
+                async for event in events:
+                    if event.get("end"):
+                        last = event
+                        break
+                    bar.update(task, total=event["total"], completed=event["checked"])
         return last
 
     result = asyncio.run(run())

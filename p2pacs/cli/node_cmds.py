@@ -11,7 +11,14 @@ from typing import Any
 from rich.table import Table
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
-from p2pacs.control.client import connect
+from p2pacs.cli.status_view import (
+    STATUS_SCHEMA,
+    member_rows,
+    size,
+    status_lines,
+    status_warnings,
+)
+from p2pacs.control.client import connect, read_runfile
 from p2pacs.errors import P2PacsError
 from p2pacs.site import Site
 
@@ -32,12 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_fetch)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
+_size = size
 
 
 async def _status(site: Site) -> dict[str, Any]:
@@ -46,9 +48,11 @@ async def _status(site: Site) -> dict[str, Any]:
 
 
 def _local_status(site: Site) -> dict[str, Any]:
-    with site.archive() as archive:
-        patients, studies, instances = archive.index.counts()
-        blobs, stored = archive.blobs.totals()
+    patients = studies = instances = blobs = stored = 0
+    if site.db_path.exists():  # a wiped site has no archive yet: status never creates one
+        with site.archive() as archive:
+            patients, studies, instances = archive.index.counts()
+            blobs, stored = archive.blobs.totals()
     return {
         "site": site.config.federation.name or site.path.name,
         "running": False,
@@ -60,83 +64,64 @@ def _local_status(site: Site) -> dict[str, Any]:
     }
 
 
+def _own_transfer_address(site: Site) -> str | None:
+    fed = site.config.federation
+    return f"{fed.host}:{fed.transfer_port}" if fed.enabled else None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    site = open_site(args, create=False)
+    site = open_site(args)
+    running = read_runfile(site)
     try:
         status = asyncio.run(_status(site))
         status["running"] = True
     except P2PacsError as exc:
         status = _local_status(site)
         status["error"] = str(exc)
+    # one schema for machines and people: the JSON fields are documented in operations.md
+    status = {"schema": STATUS_SCHEMA, **status}
+    if status["running"] and running is not None:
+        status["pid"] = running["pid"]
     if args.json:
         print(json.dumps(status, indent=2))
         return 0 if status["running"] else 1
-    running = "[green]running[/]" if status["running"] else "[red]not running[/]"
-    console.print(f"[bold]{status['site']}[/] {running}")
-    console.print(
-        f"  {status['studies']} studies, {status['instances']} instances, "
-        f"{status['blobs']} blobs, {_size(status['bytes'])}"
-    )
-    fed = status.get("federation")
-    if fed:
-        console.print(
-            f"  federation: {fed['sites_up']} sites up, {fed['sites_down']} down; "
-            f"R={fed['replication']}, under-replicated studies: {fed['under_replicated']}"
-        )
-        last = fed["last_repair"]
-        console.print(
-            f"  repairs: {fed['pulls_done']} done, {fed['pulls_failed']} failed, last "
-            + (f"{time.time() - last:.0f} s ago" if last else "never")
-        )
-        clock = fed["clock"]
-        if clock["off"]:
-            console.print(
-                f"  [red]clock off[/]: the members' clocks differ from this one by "
-                f"{clock['offset_s']:+.0f} s (beyond the DHT's 30 s window): check NTP"
-            )
-        rec = fed["recovery"]
-        if rec["awaiting_record"]:
-            console.print(
-                "  [red]awaiting its last site record[/]: this archive was wiped; it publishes "
-                f"no catalogue until a member answers ({rec['error'] or 'looking'})"
-            )
-        if fed["recovery_pending"]:
-            console.print(
-                f"  [yellow]recovering[/]: {fed['recovery_pending']} studies left "
-                f"({_size(rec['bytes_done'])} of {_size(rec['bytes_total'])}), "
-                f"{rec['retrying']} retrying"
-            )
-        for uid, why in rec["given_up"].items():
-            console.print(f"  [red]not recovered[/] {uid}: {why}")
-        _members_table(fed["members"])
+    now = time.time()
+    site_host = site.config.federation.host if site.config.federation.enabled else None
+    for line in status_lines(status, site_host, now):
+        console.print(line)
+    warnings = status_warnings(status, site.config.federation.bootstrap)
+    for warning in warnings:
+        console.print(f"  [red]warning[/]: {warning}")
+    if warnings:
+        console.print("  run 'p2pacs doctor' for the checks behind these warnings")
+    if status.get("federation"):
+        _members_table(status, _own_transfer_address(site), now)
     elif "error" in status:
         console.print(f"  [dim]{status['error']}[/]")
     return 0 if status["running"] else 1
 
 
-def _members_table(members: list[dict[str, Any]]) -> None:
-    table = Table(title="member sites")
+def _members_table(status: dict[str, Any], own_address: str | None, now: float) -> None:
+    table = Table(title="sites (this site and the members it knows)")
     for col in ("site", "state", "last seen", "address", "studies", "site id"):
-        table.add_column(col)
-    for m in members:
-        state = "[green]up[/]" if m["up"] else "[red]down[/]"
-        seen = f"{m['last_seen_s']:.0f} s ago" if m["last_seen_s"] is not None else "never"
-        table.add_row(m["name"], state, seen, m["address"], str(m["studies"]), m["site_id"][:16])
+        # addresses and ids are folded onto more lines, never cut
+        table.add_column(col, overflow="fold", no_wrap=col in ("state", "studies"))
+    for row in member_rows(status, own_address, now):
+        table.add_row(*row)
     console.print(table)
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
-    site = open_site(args, create=False)
+    site = open_site(args)
     status = asyncio.run(_status(site))
-    fed = status.get("federation")
-    if not fed:
+    if not status.get("federation"):
         raise CommandError("this site is not enrolled in a federation", 1)
-    _members_table(fed["members"])
+    _members_table(status, _own_transfer_address(site), time.time())
     return 0
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    site = open_site(args, create=False)
+    site = open_site(args)
 
     async def run() -> dict[str, Any]:
         async with connect(site, timeout=30) as node:
@@ -148,7 +133,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         return 1
     table = Table(title=f"study {args.study_uid}")
     for col in ("site", "state", "instances", "size", "site id"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for h in found["holders"]:
         table.add_row(
             h["name"],
@@ -162,7 +147,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    site = open_site(args, create=False)
+    site = open_site(args)
 
     async def run() -> dict[str, Any]:
         result: dict[str, Any] = {}

@@ -3,11 +3,16 @@
 ``p2pacs serve`` writes ``node.json`` (its pid and ports) in the site directory; commands that
 need the live federation (status, peers, find, fetch, recover, scrub) connect there with the
 site's own certificate, and the node answers them on routes that only accept its own identity.
+
+A ``node.json`` left behind by a process that died without stopping (SIGKILL, power loss) is
+stale: the node counts as running only while its pid is alive and it holds the site's lock
+(``node.lock``), or when it runs in this very process (a node started in-process).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,24 +22,55 @@ import aiohttp
 from p2pacs.control.stream import iter_lines
 from p2pacs.errors import PeerUnavailableError
 from p2pacs.federation.identity import load_identity
-from p2pacs.site import Site
+from p2pacs.site import Site, lock_held
 from p2pacs.transfer.tls import client_context
 
-__all__ = ["RUNFILE", "LocalNode", "connect", "node_address"]
+__all__ = ["RUNFILE", "LocalNode", "connect", "node_address", "pid_alive", "read_runfile"]
 
 RUNFILE = "node.json"  # in the site directory while ``serve`` runs: its pid and ports
 
 
-def node_address(site: Site) -> tuple[int, str] | None:
-    """(pid, https base URL) of the site's running node, or None when it is not running."""
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (``kill(pid, 0)``; EPERM means it does)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_runfile(site: Site) -> dict[str, Any] | None:
+    """The running node's ``node.json`` (pid, ports), or None when no live node wrote it."""
     try:
         info = json.loads((site.path / RUNFILE).read_text())
-        host, port = str(info["transfer"][0]), int(info["transfer"][1])
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return int(info["pid"]), f"https://{host}:{port}"
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(info, dict):
+        return None
+    if pid == os.getpid():  # a node started in this process (recover, scrub, tests)
+        return info
+    if not pid_alive(pid) or not lock_held(site.path):  # stale: killed, or power lost
+        return None
+    return info
+
+
+def node_address(site: Site) -> tuple[int, str] | None:
+    """(pid, https base URL) of the site's running node, or None when it is not running."""
+    info = read_runfile(site)
+    if info is None:
+        return None
+    try:
+        host, port = str(info["transfer"][0]), int(info["transfer"][1])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return int(info["pid"]), f"https://{host}:{port}"
 
 
 class LocalNode:

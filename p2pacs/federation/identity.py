@@ -172,6 +172,7 @@ def enroll_site(
     if replication is not None:
         fed.replication = replication
     dicom = site.config.dicom
+    dicom.bind = bind  # one --bind for every listener: the DICOM gateway too
     if aet:
         dicom.ae_title = aet
     if dicom_port is not None:

@@ -148,6 +148,7 @@ class FederationNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._study_locks: dict[str, asyncio.Lock] = {}
+        self._partial: set[str] = set()  # studies whose last fetch here did not complete
         self._extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.on_fetched: list[Callable[[str], None]] = []  # study UIDs completed by a fetch
         # the recovery queue's entry of a study not back yet (set by the site's recovery)
@@ -647,9 +648,16 @@ class FederationNode:
         extra_manifests: tuple[str, ...] = (),
         progress: ProgressFn | None = None,
     ) -> StudyFetch:
-        """Pull every version of a study that other sites hold and this one lacks."""
+        """Pull every version of a study that other sites hold and this one lacks.
+
+        Until a fetch of it completes, the study counts as partial here (``held`` is False), so
+        a C-MOVE/C-GET meanwhile reads through instead of serving what has arrived so far."""
         async with self._lock(study_uid):
-            return await self._fetch_study(study_uid, extra_manifests, progress)
+            self._partial.add(study_uid)
+            result = await self._fetch_study(study_uid, extra_manifests, progress)
+            if result.complete:
+                self._partial.discard(study_uid)
+            return result
 
     async def _fetch_study(
         self, study_uid: str, extra_manifests: tuple[str, ...], progress: ProgressFn | None
@@ -763,7 +771,12 @@ class FederationNode:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def held(self, study_uid: str) -> bool:
-        return self.archive.index.study(study_uid) is not None and (self.queued(study_uid) is None)
+        """Held whole here: indexed, not queued for recovery, no fetch of it unfinished."""
+        return (
+            study_uid not in self._partial
+            and self.queued(study_uid) is None
+            and self.archive.index.study(study_uid) is not None
+        )
 
     def ensure_local(self, study_uids: list[str]) -> None:
         """Read-through for C-MOVE/C-GET: fetch studies this site does not hold (yet)."""

@@ -142,6 +142,12 @@ def test_survivors_restore_r_when_a_site_dies(
     stored, studies = ingest_replicated(clinic, fault_instances)
     clinic.kill()
     lab = testbed["research-lab"]
+
+    def clinic_down() -> bool:
+        rows = {m["name"]: m for m in lab.status()["federation"]["members"]}
+        return rows["clinic-a"]["state"] == "down"
+
+    assert wait_for(clinic_down, 30, 0.25)  # else clinic-a still counts as a live holder
     wait_replicated(lab, studies, 2, timeout=90)  # the two survivors now both hold everything
     for name in ("research-lab", "clinic-b"):
         assert lost_at(testbed[name], studies, originals(stored)) == []
