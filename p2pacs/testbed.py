@@ -114,6 +114,25 @@ class SiteProcess:
                 return
         raise PeerUnavailableError(f"site {self.name} was not ready in {READY_TIMEOUT:.0f} s")
 
+    def restart(self, *args: str, env: Mapping[str, str] | None = None, hard: bool = False) -> None:
+        """Stop (SIGKILL when ``hard``, else SIGTERM) and start again, e.g. with other
+        failpoints armed or none."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        self.start(*args, env=env)
+
+    def log_tail(self, lines: int = 40, max_bytes: int = 65536) -> str:
+        """The last ``lines`` of this site's log (every process it ran), for failure reports."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+                data = f.read()
+        except OSError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
     def run_cli(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess[bytes]:
         """Run another ``p2pacs`` command against this site, as its operator would."""
         return subprocess.run(
@@ -172,6 +191,32 @@ class SiteProcess:
         for path in (site.db_path, site.dht_path):
             shutil.rmtree(path, ignore_errors=True)
         (self.path / RUNFILE).unlink(missing_ok=True)
+
+    def corrupt_blob(self, pick: float = 0.0) -> str | None:
+        """Flip a byte of one stored instance blob of this stopped site, below the store's API,
+        as disk rot would: the one at fraction ``pick`` (0 <= pick < 1) of its instances in
+        study order. Returns the blob's hash, or None when the site holds no instance."""
+        with self.site.archive() as archive:
+            instances = [
+                instance.current.hash
+                for uid in sorted(s.study_uid for s in archive.index.studies())
+                for instance in archive.index.study_instances(uid)
+            ]
+            if not instances:
+                return None
+            h = instances[min(int(pick * len(instances)), len(instances) - 1)]
+            key = bytes.fromhex(h) + (0).to_bytes(4, "big")  # the blob's first chunk
+            chunks = archive.db.db("chunks")
+
+            def flip(txn: Any) -> None:
+                data = bytearray(txn.get(key, db=chunks))
+                data[len(data) // 2] ^= 0xFF
+                txn.put(key, bytes(data), db=chunks)
+
+            archive.db.write(flip)
+            if archive.blobs.verify_blob(h):
+                raise AssertionError(f"blob {h} still verifies after a byte was flipped")
+        return h
 
     def status(self) -> dict[str, Any]:
         from p2pacs.control.client import connect

@@ -145,6 +145,7 @@ class FederationNode:
         )
         self.publisher.on_catalogue = self.push_catalogue
         self.publisher.on_site_record = self.push_site_record
+        self.publisher.has_members = self.has_members
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._study_locks: dict[str, asyncio.Lock] = {}
@@ -555,21 +556,31 @@ class FederationNode:
         copies = await asyncio.gather(*(one(p) for p in self.live_peers()))
         return found + [e for e in copies if e is not None]
 
-    async def push_catalogue(self, h: str) -> None:
-        """Have every live member copy this site's new catalogue now (not at its next pass)."""
-        assert self.client is not None
-        client = self.client
+    async def push_catalogue(self, h: str) -> int:
+        """Have every live member copy this site's new catalogue now (not at its next pass);
+        return how many took it. The site record may name it only once one has: a record
+        naming a catalogue that only this site holds is useless to it after a wipe."""
+        assert self.client is not None and self.server is not None
+        client, body = self.client, {"hash": h, "port": self.server.address[1]}
 
-        async def one(peer: Peer) -> None:
+        async def one(peer: Peer) -> bool:
             try:
                 await asyncio.wait_for(
-                    client.request_json(peer, "POST", "/v1/catalogue", {"hash": h}),
+                    client.request_json(peer, "POST", "/v1/catalogue", body),
                     CATALOGUE_PUSH_TIMEOUT,
                 )
+                return True
             except (P2PacsError, OSError, TimeoutError) as exc:
                 log.info("%s did not take our catalogue: %s", peer.name, exc)
+                return False
 
-        await asyncio.gather(*(one(p) for p in self.live_peers()))
+        return sum(await asyncio.gather(*(one(p) for p in self.live_peers())))
+
+    def has_members(self) -> bool:
+        """Whether any other site is known (member table or DHT contacts): then the site
+        record must wait until one of them holds the catalogue it names."""
+        known = next(iter(self.members), None) is not None
+        return known or bool(self.dht is not None and self.dht.contacts())
 
     # --- holders and fetching -------------------------------------------------------------------
 

@@ -31,7 +31,12 @@ from p2pacs.federation.catalogue import (
 )
 from p2pacs.federation.manifest import Manifest, build_manifest
 
-__all__ = ["Publisher"]
+__all__ = ["CatalogueNotCopiedError", "Publisher"]
+
+
+class CatalogueNotCopiedError(FederationError):
+    """No member has a copy of the new catalogue yet, so the site record was not updated."""
+
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,9 @@ class Publisher:
         # ``site/<id>`` could replace a wiped site's record with an empty catalogue
         self.site_ready = asyncio.Event()
         self.on_published: list[Callable[[list[str]], None]] = []
-        self.on_catalogue: Callable[[str], Awaitable[None]] | None = None
+        # copies the catalogue to the members; returns how many took it
+        self.on_catalogue: Callable[[str], Awaitable[int]] | None = None
+        self.has_members: Callable[[], bool] = lambda: False
         self.on_site_record: Callable[[], Awaitable[None]] | None = None
         self._table = archive.db.db("fed_published")  # study -> what was last published of it
         self.loaded = asyncio.Event()  # set by ``catch_up``: nothing is published before
@@ -118,6 +125,11 @@ class Publisher:
             studies, self._dirty = sorted(self._dirty), set()
             try:
                 await self.publish(studies)
+            except CatalogueNotCopiedError as exc:  # members unreachable: quietly, until they are
+                log.info("%s; will retry", exc)
+                self._dirty.update(studies)
+                await asyncio.sleep(1.0)
+                self._wake.set()
             except Exception as exc:  # the DHT may be unreachable for a while: retry later
                 log.warning("publication of %d studies failed (%s); will retry", len(studies), exc)
                 self._dirty.update(studies)
@@ -184,7 +196,12 @@ class Publisher:
         catalogue = Catalogue.of(self.site_hex, merged.values())
         self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())
         if self.on_catalogue is not None:  # copies at other sites first: a wiped site needs one
-            await self.on_catalogue(self.catalogue_hash)
+            taken = await self.on_catalogue(self.catalogue_hash)
+            if not taken and self.has_members():
+                raise CatalogueNotCopiedError(
+                    f"no member took catalogue {self.catalogue_hash[:16]} yet; site/<id> keeps "
+                    "naming the previous one until one does"
+                )
         site = self._site_record().encode()
         await self._put(SITE_NAMESPACE, self.site_hex, site, self.record_ttl)
         if self.on_site_record is not None:  # members keep the signed record past its TTL

@@ -9,18 +9,22 @@ are the site's control plane, ``p2pacs.control``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from p2pacs.errors import P2PacsError
+from p2pacs.transfer.client import Peer
 from p2pacs.transfer.server import PEER_SITE_ID
 
 if TYPE_CHECKING:
     from p2pacs.federation.node import FederationNode
 
 __all__ = ["caller", "install_peer_routes"]
+
+log = logging.getLogger(__name__)
 
 
 def caller(request: web.Request) -> bytes | None:
@@ -72,15 +76,26 @@ class _PeerRoutes:
         """A member published a new catalogue: copy it from that member before answering."""
         fed = self.fed
         try:
-            h = str((await request.json())["hash"])
+            body = await request.json()
+            h = str(body["hash"])
             bytes.fromhex(h)
-        except (ValueError, KeyError, TypeError):
-            raise web.HTTPBadRequest(text='expected {"hash": HEX}') from None
-        sender = fed.members.get(caller(request) or b"")
-        peers = [fed.peer_of(sender)] if sender else fed.live_peers()
+            port = int(body.get("port") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise web.HTTPBadRequest(text='expected {"hash": HEX, "port": N}') from None
+        site_id = caller(request) or b""
+        member = fed.members.get(site_id)
+        if member is not None:
+            peers = [fed.peer_of(member)]
+        elif site_id and request.remote and 0 < port < 65536:
+            # a site we have not met yet (its first publication): copy from where it called
+            # from; the TLS handshake proves the server there is that site
+            peers = [Peer(site_id, site_id.hex()[:12], request.remote, port)]
+        else:
+            peers = fed.live_peers()
         try:
             await fed.fetch_blob(h, None, peers)
         except P2PacsError as exc:
+            log.info("could not copy catalogue %s of %s: %s", h[:16], site_id.hex()[:12], exc)
             raise web.HTTPBadGateway(text=str(exc)) from None
         return web.json_response({"stored": h})
 

@@ -29,6 +29,7 @@ from p2pacs.errors import P2PacsError, RecoveryError, StoreFullError
 from p2pacs.federation.catalogue import Catalogue, CatalogueEntry, SiteRecord
 from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read_baseline
 from p2pacs.federation.node import FederationNode
+from p2pacs.federation.publisher import CatalogueNotCopiedError
 
 __all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
 
@@ -412,8 +413,9 @@ class Recovery:
                 p.studies_done, p.instances, p.bytes_done / 1e6, p.finished - p.started,
             )  # fmt: skip
         if p.studies_done != done_before:  # the catalogue changed: studies came back
-            self.node.publisher.mark([])
-            await self.node.publisher.publish_site()
+            self.node.publisher.mark([])  # the publisher retries until a member copies it
+            with contextlib.suppress(CatalogueNotCopiedError):
+                await self.node.publisher.publish_site()
         self._notify()
         return p
 

@@ -123,7 +123,7 @@ def test_site_enroll_refuses_to_overwrite_and_bad_flags(
     assert "host:port" in capsys.readouterr().err
     assert not (tmp_path / "y" / "identity" / "site.key").exists()
     assert _enroll(tmp_path / "no-such-fed", tmp_path / "z", "z") == 1
-    assert "missing" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err
 
 
 def test_load_identity_errors(fed: Path, tmp_path: Path) -> None:
