@@ -166,6 +166,7 @@ class FederationNode:
         self.corrupt_repaired = 0
         self._clock_was_off = False
         self._member_states: dict[bytes, str] = {}
+        self.on_members_changed: list[Callable[[], None]] = []  # a member went down or came back
         self.ready = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -400,6 +401,9 @@ class FederationNode:
             if before is None or before == state:
                 continue
             silent = now - m.last_seen if m.last_seen else 0.0
+            if (state == "down") != (before == "down"):  # the live set changed: replan now
+                for listener in self.on_members_changed:
+                    listener()
             if state == "down":
                 log.warning("member %s is down: no answer for %.0f s", m.name, silent)
             elif state == "suspect":

@@ -57,6 +57,8 @@ class Healer:
         # study first); a pull it takes over returns here at a later pass if still needed
         self.defer: Callable[[str], bool] | None = None
         node.publisher.on_published.append(lambda _studies: self._kick.set())
+        # under_replicated follows the live view: a member seen down (or back) starts a pass now
+        node.on_members_changed.append(self._kick.set)
 
     def snapshot(self) -> dict[str, Any]:
         """The repair part of ``status``."""
