@@ -143,6 +143,19 @@ def answering(
     yield status.UNABLE_TO_PROCESS, None
 
 
+class _Cancel:
+    """Has a C-CANCEL for this request arrived? pynetdicom's ``event.is_cancelled`` forgets the
+    C-CANCEL once it has said so, and both the index walk and this handler ask: keep the yes."""
+
+    def __init__(self, event: evt.Event):
+        self._event = event
+        self._seen = False
+
+    def __call__(self) -> bool:
+        self._seen = self._seen or bool(self._event.is_cancelled)
+        return self._seen
+
+
 class FindHandler:
     def __init__(self, index: DicomIndex):
         self.index = index
@@ -157,9 +170,18 @@ class FindHandler:
             log.warning("C-FIND with a bad identifier: %s", exc)
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
-        for record in self.index.find(level, query):
-            _wait_for_sender(event)
-            if event.is_cancelled:
-                yield status.CANCEL, None
-                return
-            yield status.PENDING, _response(level, query, record)
+        # the index reads lazily from one snapshot and polls the cancel flag while it walks
+        # records that do not match; closing it (here, or when pynetdicom stops early and
+        # ``answering`` closes this generator) ends the snapshot at once
+        cancel = _Cancel(event)
+        records = self.index.find(level, query, cancel)
+        try:
+            for record in records:
+                _wait_for_sender(event)
+                if cancel():
+                    break
+                yield status.PENDING, _response(level, query, record)
+        finally:
+            records.close()
+        if cancel():
+            yield status.CANCEL, None

@@ -7,6 +7,7 @@ prefix scan):
 - ``ix_series``: study NUL series -> series attributes and instance count
 - ``ix_instance``: study NUL series NUL sop -> instance attributes and its stored versions
 - ``ix_sop``: SOPInstanceUID -> study NUL series
+- secondary indexes for C-FIND (``secondary.py``), written in the same transaction
 
 Duplicates (PS3.4 leaves the policy to the SCP): the same SOP Instance UID arriving with
 different bytes is never silently dropped. Every distinct version is kept (its blob and file
@@ -15,8 +16,9 @@ meta); the newest received is what retrieval returns; identical bytes are stored
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +26,23 @@ import lmdb
 import msgpack
 
 from p2pacs.dicom.header import LEVEL_KEYS, AttrValue, Level
-from p2pacs.index.matching import matches
+from p2pacs.index.query import Tables, run_find
+from p2pacs.index.secondary import (
+    INDEX_VERSION,
+    MODALITY_INDEX,
+    PATIENT_INDEXES,
+    STUDY_INDEXES,
+    Secondary,
+    modality_keys,
+)
 from p2pacs.store.db import SiteDB
 
 __all__ = ["DicomIndex", "IndexUpdate", "InstanceRecord", "StudyRecord", "Version"]
 
+log = logging.getLogger(__name__)
+
 _SEP = "\x00"
+BUILD_TIMEOUT = 3600.0  # seconds the one-pass build of the secondary indexes may take
 
 
 def _pack(obj: Any) -> bytes:
@@ -150,6 +163,35 @@ class DicomIndex:
         self._series = db.db("ix_series")
         self._instance = db.db("ix_instance")
         self._sop = db.db("ix_sop")
+        self._secondary = Secondary(db)
+        self._tables = Tables(
+            self._patient, self._study, self._series, self._instance, self._sop, self._secondary
+        )
+        self._ensure_secondary()
+
+    def _ensure_secondary(self) -> None:
+        """Build the secondary indexes of an index written before them (one pass, logged)."""
+        with self._db.read() as txn:
+            version = self._secondary.version(txn)
+            studies = int(txn.stat(self._study)["entries"])
+        if version >= INDEX_VERSION:
+            return
+        if studies:
+            log.info("building the C-FIND indexes of %d studies (index v%d)", studies, version)
+        started = time.monotonic()
+
+        def build(txn: lmdb.Transaction) -> int:
+            return self._secondary.build(
+                txn,
+                txn.cursor(db=self._study),
+                txn.cursor(db=self._series),
+                txn.cursor(db=self._patient),
+            )
+
+        built = self._db.write(build, timeout=BUILD_TIMEOUT)
+        if built:
+            seconds = time.monotonic() - started
+            log.info("built the C-FIND indexes of %d studies in %.1f s", built, seconds)
 
     # --- updates (writer thread) ---------------------------------------------------------------
 
@@ -195,6 +237,7 @@ class DicomIndex:
         new_series = series is None
         if series is None:
             series = {"a": levels.series, "n": 0}
+            txn.put(series_uid.encode(), study_uid.encode(), db=self._secondary.series_uid)
         series["a"] = _merge_missing(series["a"], levels.series)
         series["n"] += 1
         txn.put(skey, _pack(series), db=self._series)
@@ -225,13 +268,18 @@ class DicomIndex:
         if study is None:
             study = {"a": {}, "s": 0, "i": 0, "b": 0, "m": [], "c": [], "t": 0.0}
             self._link_patient(txn, levels.patient, study_uid)
-        study["a"] = _merge_missing(study["a"], {**levels.patient, **levels.study})
+        old_attrs = study["a"]
+        study["a"] = _merge_missing(old_attrs, {**levels.patient, **levels.study})
+        self._secondary.update(txn, STUDY_INDEXES, old_attrs, study["a"], key)
         study["s"] += int(new_series)
         study["i"] += int(new_instance)
         study["b"] += size
         modality = levels.series.get("Modality")
         if isinstance(modality, str) and modality and modality not in study["m"]:
             study["m"].append(modality)
+            self._secondary.put(txn, MODALITY_INDEX, modality_keys((modality,), None), key)
+        elif isinstance(modality, list):  # never in ModalitiesInStudy, but SERIES level sees it
+            self._secondary.put(txn, MODALITY_INDEX, modality_keys((), modality), key)
         if sop_class and sop_class not in study["c"]:
             study["c"].append(sop_class)
         study["t"] = time.time()
@@ -242,7 +290,9 @@ class DicomIndex:
     ) -> None:
         key = _patient_key(str(patient.get("PatientID", "")))
         rec = _unpack(txn.get(key, db=self._patient)) or {"a": {}, "st": []}
-        rec["a"] = _merge_missing(rec["a"], patient)
+        old_attrs = rec["a"]
+        rec["a"] = _merge_missing(old_attrs, patient)
+        self._secondary.update(txn, PATIENT_INDEXES, old_attrs, rec["a"], key)
         if study_uid not in rec["st"]:
             rec["st"].append(study_uid)
         txn.put(key, _pack(rec), db=self._patient)
@@ -261,10 +311,10 @@ class DicomIndex:
         )
 
     def studies(self) -> Iterator[StudyRecord]:
+        """Every study, in UID order, read lazily from one snapshot (held while iterating)."""
         with self._db.read() as txn:
-            rows = [(bytes(k).decode(), _unpack(v)) for k, v in txn.cursor(db=self._study)]
-        for uid, raw in rows:
-            yield self._study_record(uid, raw)
+            for k, v in txn.cursor(db=self._study):
+                yield self._study_record(bytes(k).decode(), _unpack(v))
 
     def instance(self, sop_uid: str) -> InstanceRecord | None:
         with self._db.read() as txn:
@@ -329,120 +379,19 @@ class DicomIndex:
     # --- C-FIND ---------------------------------------------------------------------------------
 
     def find(
-        self, level: Level, query: Mapping[str, str | list[str] | None]
-    ) -> Iterator[dict[str, AttrValue]]:
+        self,
+        level: Level,
+        query: Mapping[str, str | list[str] | None],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Generator[dict[str, AttrValue], None, None]:
         """Records at ``level`` whose attributes (at this level and above) match ``query``.
 
         ``query`` maps keywords to C-FIND match strings ("" is universal matching). Each result
         holds every keyword of the query (empty string where the archive has no value), plus
-        the unique keys down to ``level``; keys below ``level`` are ignored.
+        the unique keys down to ``level``; keys below ``level`` are ignored. Candidates come
+        from the indexes (``query.py``), results are produced lazily from one read snapshot
+        (held until the generator ends or is closed), and the walk stops once ``cancelled()``
+        returns true.
         """
-        if level is Level.PATIENT:
-            yield from self._find_patients(query)
-            return
-        for study_uid, study in self._matching_studies(query):
-            if level is Level.STUDY:
-                yield self._respond(query, study, (Level.PATIENT, Level.STUDY))
-                continue
-            for series_uid, series_attrs, n in self.series_of(study_uid):
-                s_attrs = {
-                    **study,
-                    **series_attrs,
-                    "SeriesInstanceUID": series_uid,
-                    "NumberOfSeriesRelatedInstances": str(n),
-                }
-                if not self._match_level(query, Level.SERIES, s_attrs):
-                    continue
-                if level is Level.SERIES:
-                    yield self._respond(query, s_attrs, (Level.PATIENT, Level.STUDY, Level.SERIES))
-                    continue
-                for inst in self.study_instances(study_uid, series_uid):
-                    i_attrs = {
-                        **s_attrs,
-                        **inst.attrs,
-                        "SOPInstanceUID": inst.sop_uid,
-                        "SOPClassUID": inst.sop_class_uid,
-                        "AvailableTransferSyntaxUID": inst.current.transfer_syntax,
-                    }
-                    if self._match_level(query, Level.IMAGE, i_attrs):
-                        yield self._respond(query, i_attrs, tuple(Level))
-
-    def _find_patients(
-        self, query: Mapping[str, str | list[str] | None]
-    ) -> Iterator[dict[str, AttrValue]]:
         with self._db.read() as txn:
-            rows = [_unpack(v) for _, v in txn.cursor(db=self._patient)]
-        for raw in rows:
-            attrs: dict[str, AttrValue] = dict(raw["a"])
-            studies = [s for s in (self.study(uid) for uid in raw["st"]) if s is not None]
-            attrs["NumberOfPatientRelatedStudies"] = str(len(studies))
-            attrs["NumberOfPatientRelatedSeries"] = str(sum(s.series for s in studies))
-            attrs["NumberOfPatientRelatedInstances"] = str(sum(s.instances for s in studies))
-            if self._match_level(query, Level.PATIENT, attrs):
-                yield self._respond(query, attrs, (Level.PATIENT,))
-
-    def _matching_studies(
-        self, query: Mapping[str, str | list[str] | None]
-    ) -> Iterator[tuple[str, dict[str, AttrValue]]]:
-        wanted = query.get("StudyInstanceUID")
-        if isinstance(wanted, str) and wanted and "*" not in wanted and "?" not in wanted:
-            candidates = [s for s in (self.study(u) for u in wanted.split("\\")) if s is not None]
-        else:
-            candidates = list(self.studies())
-        for st in candidates:
-            attrs: dict[str, AttrValue] = {
-                **st.attrs,
-                "StudyInstanceUID": st.study_uid,
-                "ModalitiesInStudy": list(st.modalities),
-                "SOPClassesInStudy": list(st.sop_classes),
-                "NumberOfStudyRelatedSeries": str(st.series),
-                "NumberOfStudyRelatedInstances": str(st.instances),
-            }
-            if self._match_level(query, Level.PATIENT, attrs) and self._match_level(
-                query, Level.STUDY, attrs
-            ):
-                yield st.study_uid, attrs
-
-    _COMPUTED: Mapping[Level, tuple[str, ...]] = {
-        Level.PATIENT: (
-            "NumberOfPatientRelatedStudies",
-            "NumberOfPatientRelatedSeries",
-            "NumberOfPatientRelatedInstances",
-        ),
-        Level.STUDY: (
-            "ModalitiesInStudy",
-            "SOPClassesInStudy",
-            "NumberOfStudyRelatedSeries",
-            "NumberOfStudyRelatedInstances",
-        ),
-        Level.SERIES: ("NumberOfSeriesRelatedInstances",),
-        Level.IMAGE: ("AvailableTransferSyntaxUID",),
-    }
-
-    def _match_level(
-        self,
-        query: Mapping[str, str | list[str] | None],
-        level: Level,
-        attrs: Mapping[str, AttrValue],
-    ) -> bool:
-        keys = LEVEL_KEYS[level] + self._COMPUTED[level]
-        return all(matches(kw, query[kw], attrs.get(kw)) for kw in keys if kw in query)
-
-    @staticmethod
-    def _respond(
-        query: Mapping[str, str | list[str] | None],
-        attrs: Mapping[str, AttrValue],
-        levels: tuple[Level, ...],
-    ) -> dict[str, AttrValue]:
-        unique = {
-            Level.PATIENT: "PatientID",
-            Level.STUDY: "StudyInstanceUID",
-            Level.SERIES: "SeriesInstanceUID",
-            Level.IMAGE: "SOPInstanceUID",
-        }
-        out: dict[str, AttrValue] = {kw: attrs.get(kw, "") for kw in query}
-        for level in levels:
-            kw = unique[level]
-            if level is not Level.PATIENT or kw in query:
-                out[kw] = attrs.get(kw, "")
-        return out
+            yield from run_find(self._tables, txn, level, query, cancelled)

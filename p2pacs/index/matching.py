@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from pydicom.datadict import dictionary_VR
 
-__all__ = ["matches", "vr_of"]
+__all__ = ["is_wildcard_vr", "matches", "normalize", "vr_of"]
 
 _WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 _RANGE_VRS = frozenset({"DA", "TM", "DT"})
@@ -56,6 +56,18 @@ def _norm(vr: str, value: str, upper: bool) -> str:
         date = date + ("99999999" if upper else "00000000")[len(date) :]
         return date + _norm_time(time, upper)
     return value
+
+
+def normalize(vr: str, value: str, upper: bool) -> str:
+    """A DA/TM/DT value as matching compares it: padded to the start (or, with ``upper``, the
+    end) of the period it names; other VRs are only stripped. The index keys its date and time
+    sub-databases with this, so an index range scan and ``matches`` order values alike."""
+    return _norm(vr, value, upper)
+
+
+def is_wildcard_vr(vr: str) -> bool:
+    """Does ``*``/``?`` act as a wild card for this VR (PS3.4 C.2.2.2.4)?"""
+    return vr in _WILDCARD_VRS
 
 
 def _match_range(vr: str, query: str, value: str) -> bool:
