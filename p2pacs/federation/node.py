@@ -296,6 +296,8 @@ class FederationNode:
             "corrupt_served": self.server.stats["corrupt"] if self.server is not None else 0,
             "corrupt_repaired": self.corrupt_repaired,
             "catalogue": self.publisher.catalogue_hash,
+            # its site record went out (after a member copied the catalogue it names)
+            "site_record": self.dht is not None and self.signed_site_record() is not None,
             "studies_published": self.publisher.studies_published,
             "clock": {
                 "offset_s": None if clock.offset is None else round(clock.offset, 1),

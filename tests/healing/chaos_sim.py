@@ -500,7 +500,14 @@ class Simulation:
     def settled(self, target: str) -> bool:
         """Every study ``target`` holds whole (or took in) is whole at R sites that are healthy
         or ``target``: losing ``target``'s copy then leaves R-1 good ones. A study it holds in
-        part only (its only whole copy at a killed site, say) is no concern of ``target``."""
+        part only (its only whole copy at a killed site, say) is no concern of ``target``.
+
+        And ``target`` has published its site record: a site wiped before its first record
+        went out has no past anyone can vouch for, so it waits for ``serve --new-site`` (by
+        design: absence is never taken as evidence)."""
+        fed = self.status(self.bed[target]).get("federation") or {}
+        if not fed.get("site_record"):
+            return False
         ok = {n for n, s in self.model.items() if not s.faulty} | {target}
         for study in self.by_study:
             whole, live = self.holders(self.bed[target], study)
