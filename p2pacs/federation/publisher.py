@@ -12,10 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import Future
-from typing import Any
-
-import msgpack
 
 from p2pacs import failpoints
 from p2pacs.archive import Archive
@@ -29,6 +25,7 @@ from p2pacs.federation.catalogue import (
     SiteRecord,
     StudyHolding,
 )
+from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.manifest import Manifest, build_manifest
 
 __all__ = ["CatalogueNotCopiedError", "Publisher"]
@@ -77,7 +74,7 @@ class Publisher:
         self.on_catalogue: Callable[[str], Awaitable[int]] | None = None
         self.has_members: Callable[[], bool] = lambda: False
         self.on_site_record: Callable[[], Awaitable[None]] | None = None
-        self._table = archive.db.db("fed_published")  # study -> what was last published of it
+        self._published = EntryTable(archive.db, "fed_published")  # what was last published
         self.loaded = asyncio.Event()  # set by ``catch_up``: nothing is published before
         self.studies_published = 0  # study records put on the DHT by this run
 
@@ -85,14 +82,10 @@ class Publisher:
         """At start, off the event loop: load what was last published and mark only the
         studies that changed since, so a restart costs one read pass, not one manifest and
         one DHT put per study held (and the catalogue never regresses to a partial one)."""
-        table, index = self._table, self.archive.index
+        index = self.archive.index
 
         def scan() -> tuple[dict[str, CatalogueEntry], list[str]]:
-            entries: dict[str, CatalogueEntry] = {}
-            with self.archive.db.read() as txn:
-                for key, raw in txn.cursor(db=table):
-                    uid = bytes(key).decode()
-                    entries[uid] = CatalogueEntry(uid, *msgpack.unpackb(raw, raw=False))
+            entries = self._published.load()
             changed = [
                 s.study_uid
                 for s in index.studies()
@@ -157,31 +150,11 @@ class Publisher:
                 published.append(entry)
                 self.studies_published += 1
         if published:
-            await asyncio.wrap_future(self._remember(published))
+            await asyncio.wrap_future(self._published.put(published))
         await self.publish_site()
         for listener in self.on_published:
             listener(studies)
         self.published.set()
-
-    def _remember(self, entries: list[CatalogueEntry]) -> Future[None]:
-        """Persist what was published, in one write (``catch_up`` reads it at the next start)."""
-        rows = [
-            (
-                e.study_uid.encode(),
-                msgpack.packb(
-                    [e.manifest_hash, e.study_date, e.instances, e.bytes, e.updated],
-                    use_bin_type=True,
-                ),
-            )
-            for e in entries
-        ]
-        table = self._table
-
-        def job(txn: Any) -> None:
-            for key, raw in rows:
-                txn.put(key, raw, db=table)
-
-        return self.archive.db.submit(job)
 
     async def publish_site(self) -> None:
         """Store the catalogue blob (held + still-recovering studies) and put ``site/<id>``.

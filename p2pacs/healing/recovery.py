@@ -22,12 +22,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
-from p2pacs import failpoints
+from p2pacs import const, failpoints
 from p2pacs.errors import P2PacsError, RecoveryError, StoreFullError
 from p2pacs.federation.catalogue import Catalogue, CatalogueEntry, SiteRecord
 from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read_baseline
+from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.publisher import CatalogueNotCopiedError
 
@@ -86,7 +85,7 @@ class Recovery:
     def __init__(self, node: FederationNode):
         self.node = node
         self.db = node.archive.db
-        self._table = self.db.db("fed_pending")
+        self._pending = EntryTable(self.db, "fed_pending")  # the queue, as persisted
         self.give_up = node.config.recover_give_up
         self.progress = RecoveryProgress()
         self.planned = asyncio.Event()
@@ -108,10 +107,7 @@ class Recovery:
         node.publisher.queued = self.queue.values
         node.queued = self.queue.get
         self._bytes_finished = 0
-        with self.db.read() as txn:
-            for key, raw in txn.cursor(db=self._table):
-                e = CatalogueEntry(bytes(key).decode(), *msgpack.unpackb(raw, raw=False))
-                self.queue[e.study_uid] = e
+        self.queue.update(self._pending.load())  # small: the studies not back yet
         self._count_queue()
 
     def _count_queue(self) -> None:
@@ -193,23 +189,7 @@ class Recovery:
                 for e in catalogue.entries
                 if e.study_uid not in pending and not self._complete(e, held.get(e.study_uid))
             ]
-            rows = [
-                (
-                    e.study_uid.encode(),
-                    msgpack.packb(
-                        [e.manifest_hash, e.study_date, e.instances, e.bytes, e.updated],
-                        use_bin_type=True,
-                    ),
-                )
-                for e in todo
-            ]
-            table = self._table
-
-            def job(txn: Any) -> None:
-                for key, raw in rows:
-                    txn.put(key, raw, db=table)
-
-            self.db.write(job)
+            self._pending.put(todo).result(const.WRITE_TIMEOUT)
             return todo
 
         todo = await asyncio.to_thread(plan_and_write)
@@ -241,7 +221,7 @@ class Recovery:
             self._recent_left.discard(study_uid)
             if not self._recent_left:
                 self.progress.recent_day_s = round(time.time() - self.node.started_at, 3)
-        write = self.db.submit(lambda txn: txn.delete(study_uid.encode(), db=self._table))
+        write = self._pending.delete(study_uid)
         write.add_done_callback(_log_failure)
 
     # --- draining -------------------------------------------------------------------------------
