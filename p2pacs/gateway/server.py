@@ -23,6 +23,7 @@ from p2pacs.dicom.scu import association_handlers
 from p2pacs.errors import ConfigError
 from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
 from p2pacs.gateway.find import FindHandler
+from p2pacs.gateway.rawsend import direct_writes_when_sending
 from p2pacs.gateway.retrieve import RetrieveHandlers
 from p2pacs.gateway.store import StoreHandler
 
@@ -108,6 +109,7 @@ class Gateway:
         self.commitment = CommitmentHandler(config, commitment or local_commitment(archive))
         self.handlers: list[Any] = [
             *association_handlers(),
+            (evt.EVT_ESTABLISHED, direct_writes_when_sending),
             (evt.EVT_REQUESTED, _log_association),
             (evt.EVT_REQUESTED, _prefer_requested_compression),
             (evt.EVT_C_STORE, StoreHandler(archive)),
