@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 PLAN_RETRY = 1.0  # seconds between looks for live members while fetching the catalogue
 PLAN_ATTEMPTS = 20  # of those
-PLAN_BACKOFF = 2.0  # seconds before looking for this site's last record again
+PLAN_BACKOFF = 2.0  # seconds between looks for this site's last record, once the first failed
+PLAN_FIRST_RETRY = 0.2  # seconds before the second look: at start the DHT is still joining
 STUDIES_AT_ONCE = 3  # studies fetched concurrently while draining the queue
 RETRY_FIRST = 1.0  # seconds before a failed study is tried again; doubles per failure
 RETRY_MAX = 60.0  # seconds: the longest wait between two tries of a failed study
@@ -288,6 +289,7 @@ class Recovery:
     async def run(self) -> None:
         """Plan (retrying until the federation answers), then drain the queue whenever it has
         work, retrying failed studies with backoff. A node task: a failure never ends it."""
+        backoff = PLAN_FIRST_RETRY
         while not self.planned.is_set():
             try:
                 await self.plan()
@@ -300,8 +302,9 @@ class Recovery:
                 self.error_since = self.error_since or time.time()
                 self.error = str(exc)
                 self._notify()
-                log.error("recovery cannot start yet: %s; retrying in %.0f s", exc, PLAN_BACKOFF)
-                await asyncio.sleep(PLAN_BACKOFF)
+                log.error("recovery cannot start yet: %s; retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, PLAN_BACKOFF)
         while True:
             due = self._due()
             if due:
