@@ -34,7 +34,7 @@ __all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
-PLAN_RETRY = 1.0  # seconds between looks for live members while fetching the catalogue
+PLAN_RETRY = 0.25  # seconds between looks for live members while fetching the catalogue
 PLAN_ATTEMPTS = 20  # of those
 PLAN_BACKOFF = 2.0  # seconds between looks for this site's last record, once the first failed
 PLAN_FIRST_RETRY = 0.2  # seconds before the second look: at start the DHT is still joining
@@ -132,6 +132,8 @@ class Recovery:
         node = self.node
         queued = 0
         if self.awaiting:
+            if not node.live_peers():  # at start: meet the members now, not at the next beat
+                await node.heartbeat()
             found = await node.own_site_records()
             if not found:
                 raise RecoveryError(
@@ -167,9 +169,10 @@ class Recovery:
         for _ in range(PLAN_ATTEMPTS):
             if peers:
                 break
-            await asyncio.sleep(PLAN_RETRY)
             await self.node.heartbeat()
             peers = self.node.live_peers()
+            if not peers:
+                await asyncio.sleep(PLAN_RETRY)
         try:
             return await self.node.catalogue_by_hash(h, peers)
         except P2PacsError as exc:
