@@ -8,6 +8,7 @@ calls are made from the event-loop thread, which is therefore LMDB's single writ
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -226,27 +227,31 @@ class LmdbRecordStore(RecordStore):
         self._own = self._env.open_db(b"own")
         self._meta = self._env.open_db(b"meta")
 
+    @contextlib.contextmanager
+    def _write(self, db: Any = None) -> Iterator[Any]:
+        """A write transaction; a full map (at any write or the commit) is ``StoreFullError``."""
+        try:
+            with self._env.begin(write=True, db=db) as txn:
+                yield txn
+        except lmdb.MapFullError:
+            raise StoreFullError(
+                f"the DHT record store is full ({self.capacity} bytes); raise its capacity"
+            ) from None
+
     def _get_raw(self, dht_key: bytes, publisher: bytes) -> bytes | None:
         with self._env.begin(db=self._rec) as txn:
             raw = txn.get(dht_key + publisher)
         return None if raw is None else bytes(raw)
 
     def _put_raw(self, record: Record, raw: bytes) -> None:
-        try:
-            with self._env.begin(write=True) as txn:
-                txn.put(record.dht_key + record.publisher, raw, db=self._rec)
-                txn.put(
-                    _EXP.pack(record.expires_ms) + record.dht_key + record.publisher,
-                    b"",
-                    db=self._exp,
-                )
-        except lmdb.MapFullError:
-            raise StoreFullError(
-                f"the DHT record store is full ({self.capacity} bytes); raise its capacity"
-            ) from None
+        with self._write() as txn:
+            txn.put(record.dht_key + record.publisher, raw, db=self._rec)
+            txn.put(
+                _EXP.pack(record.expires_ms) + record.dht_key + record.publisher, b"", db=self._exp
+            )
 
     def _delete(self, dht_key: bytes, publisher: bytes, expires_ms: int) -> None:
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             txn.delete(dht_key + publisher, db=self._rec)
             txn.delete(_EXP.pack(expires_ms) + dht_key + publisher, db=self._exp)
 
@@ -264,7 +269,7 @@ class LmdbRecordStore(RecordStore):
     def cull(self, now: float) -> int:
         bound = _EXP.pack(int(now * 1000))
         dropped = 0
-        with self._env.begin(write=True) as txn:
+        with self._write() as txn:
             cursor = txn.cursor(db=self._exp)
             doomed: list[bytes] = []
             if cursor.first():
@@ -288,16 +293,11 @@ class LmdbRecordStore(RecordStore):
             return [OwnEntry.unpack(bytes(v)) for _, v in txn.cursor()]
 
     def put_own(self, entry: OwnEntry) -> None:
-        try:
-            with self._env.begin(write=True, db=self._own) as txn:
-                txn.put(entry.dht_key, entry.pack())
-        except lmdb.MapFullError:
-            raise StoreFullError(
-                f"the DHT record store is full ({self.capacity} bytes); raise its capacity"
-            ) from None
+        with self._write(self._own) as txn:
+            txn.put(entry.dht_key, entry.pack())
 
     def drop_own(self, dht_key: bytes) -> None:
-        with self._env.begin(write=True, db=self._own) as txn:
+        with self._write(self._own) as txn:
             txn.delete(dht_key)
 
     def get_meta(self, name: str) -> bytes | None:
@@ -306,7 +306,7 @@ class LmdbRecordStore(RecordStore):
         return None if raw is None else bytes(raw)
 
     def set_meta(self, name: str, value: bytes) -> None:
-        with self._env.begin(write=True, db=self._meta) as txn:
+        with self._write(self._meta) as txn:
             txn.put(name.encode(), value)
 
     def close(self) -> None:
