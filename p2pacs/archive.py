@@ -23,6 +23,7 @@ from p2pacs.dicom import build_prefix, extract_attributes, split_part10
 from p2pacs.dicom.header import AttrValue
 from p2pacs.dicom.validate import plain_dataset, validate_dataset
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
+from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
 from p2pacs.store import BlobStore, SiteDB, hash_bytes
 
@@ -43,6 +44,7 @@ class Ingested:
     size: int
     new_instance: bool
     new_version: bool
+    patient_id: str = ""  # for the audit trail (PS3.15 A.5.3.2 Patient participant)
 
 
 class Archive:
@@ -56,6 +58,8 @@ class Archive:
         self._lock = threading.Lock()
         # set by an enrolled site: replaces a blob that fails its hash with a peer's good copy
         self.repair_hook: Callable[[str], bool] | None = None
+        # the site's event bus (metrics, audit): every part holds the archive, so it lives here
+        self.events = EventBus()
 
     def close(self) -> None:
         self.db.close()
@@ -147,6 +151,7 @@ class Archive:
                 version.size,
                 update.new_instance,
                 update.new_version,
+                str(attrs.get("PatientID", "")),
             )
             result.set_result(ingested)
             if update.new_version:

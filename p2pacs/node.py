@@ -22,6 +22,7 @@ from p2pacs.const import STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
+from p2pacs.events import Lifecycle
 from p2pacs.federation.continuity import settle_at_start
 from p2pacs.federation.node import FederationNode
 from p2pacs.gateway import CommitmentResult, Gateway
@@ -73,6 +74,9 @@ class SiteNode:
         log.info("gateway listening on %s:%d as %s", host, port, self.site.config.dicom.ae_title)
         if enrolled:
             await self._start_federation()
+        archive.events.emit(
+            Lifecycle("start", self.site.config.federation.name or self.site.path.name)
+        )
         self._write_runfile()
 
     def _settle_baseline(self, archive: Archive) -> None:
@@ -187,6 +191,8 @@ class SiteNode:
                 log.exception("federation stop failed")
             self.federation = None
         if self.archive is not None:
+            name = self.site.config.federation.name or self.site.path.name
+            self.archive.events.emit(Lifecycle("stop", name))
             self.archive.close()
             self.archive = None
 

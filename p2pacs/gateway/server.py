@@ -23,6 +23,7 @@ from p2pacs.dicom.scu import association_handlers
 from p2pacs.errors import ConfigError
 from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
 from p2pacs.gateway.find import FindHandler
+from p2pacs.gateway.observe import association_observers, observed
 from p2pacs.gateway.rawsend import direct_writes_when_sending
 from p2pacs.gateway.retrieve import RetrieveHandlers
 from p2pacs.gateway.store import StoreHandler
@@ -112,10 +113,11 @@ class Gateway:
             (evt.EVT_ESTABLISHED, direct_writes_when_sending),
             (evt.EVT_REQUESTED, _log_association),
             (evt.EVT_REQUESTED, _prefer_requested_compression),
+            *association_observers(archive.events),
             (evt.EVT_C_STORE, StoreHandler(archive)),
-            (evt.EVT_C_FIND, FindHandler(archive.index)),
-            (evt.EVT_C_GET, self.retrieve.on_get),
-            (evt.EVT_C_MOVE, self.retrieve.on_move),
+            (evt.EVT_C_FIND, observed(archive.events, "C-FIND", FindHandler(archive.index))),
+            (evt.EVT_C_GET, observed(archive.events, "C-GET", self.retrieve.on_get)),
+            (evt.EVT_C_MOVE, observed(archive.events, "C-MOVE", self.retrieve.on_move)),
             (evt.EVT_N_ACTION, self.commitment),
         ]
         self._server: ThreadedAssociationServer | None = None
