@@ -92,6 +92,7 @@ class FederationConfig:
     record_ttl: float = const.RECORD_TTL  # seconds a DHT record lives unless republished
     dht_capacity: int = const.DHT_CAPACITY  # bytes the DHT record store may use
     recover_give_up: float = 600.0  # seconds a study may keep failing before recover reports it
+    metadata_grace: float = 3600.0  # seconds superseded catalogue nodes and manifests are kept
 
 
 @dataclass(slots=True)
@@ -174,6 +175,7 @@ class Config:
             ("federation.repair_interval", f.repair_interval),
             ("federation.record_ttl", f.record_ttl),
             ("federation.recover_give_up", f.recover_give_up),
+            ("federation.metadata_grace", f.metadata_grace),
         ):
             if not value > 0:
                 problems.append(f"{key} = {value} must be more than 0 seconds")

@@ -30,6 +30,7 @@ from p2pacs.healing.commitment import check_commitment
 from p2pacs.healing.recovery import Recovery
 from p2pacs.healing.repair import Healer
 from p2pacs.healing.scrub import repair_blob
+from p2pacs.looplag import LoopLag
 from p2pacs.site import Site
 from p2pacs.store import hashed_bytes
 
@@ -52,6 +53,7 @@ class SiteNode:
         self.healer: Healer | None = None
         self.recovery: Recovery | None = None
         self.started = time.time()
+        self.loop_lag = LoopLag()
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -59,6 +61,7 @@ class SiteNode:
         return self.gateway.address
 
     async def start(self) -> None:
+        self.loop_lag.start()
         self.archive = archive = self.site.archive()
         enrolled = self.site.config.federation.enabled
         if enrolled:  # before the gateway takes a C-STORE: a wiped archive is awaiting from now
@@ -167,6 +170,7 @@ class SiteNode:
             "blobs": blobs,
             "bytes": stored,
             "hashed_bytes": hashed_bytes(),  # by this process since it started
+            "loop_lag": self.loop_lag.snapshot(),  # how long the event loop was kept waiting
             "federation": None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
@@ -180,6 +184,7 @@ class SiteNode:
         return out
 
     async def stop(self) -> None:
+        await self.loop_lag.stop()
         self.runfile.unlink(missing_ok=True)
         if self.gateway is not None:
             self.gateway.stop()

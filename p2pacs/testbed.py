@@ -256,6 +256,7 @@ class Testbed:
         prefixes: dict[str, tuple[str, ...]] | None = None,
         record_ttl: float | None = None,
         recover_give_up: float | None = None,
+        metadata_grace: float | None = None,
     ):
         """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
         where each site can use the default ports."""
@@ -298,6 +299,8 @@ class Testbed:
                 site.config.federation.record_ttl = record_ttl
             if recover_give_up is not None:
                 site.config.federation.recover_give_up = recover_give_up
+            if metadata_grace is not None:
+                site.config.federation.metadata_grace = metadata_grace
             site.config.dicom.bind = site_host
             site.save_config()
             if first_dht is None:

@@ -1,9 +1,10 @@
 """Site catalogues and the small records a site publishes on the DHT.
 
-A catalogue lists every study a site holds with the hash of its manifest; it is a blob that the
-other members keep a copy of, so a wiped site that has only its identity can find out what it
-held (``site/<id>`` record -> catalogue hash -> catalogue -> manifests -> blobs). DHT values stay
-tiny (a hash and a few numbers): lists never go on the DHT. Pure: no I/O here.
+A catalogue lists every study a site holds with the hash of its manifest (one ``CatalogueEntry``
+each); it is kept as a Merkle tree of blobs (``cattree``) that the other members copy, so a
+wiped site that has only its identity can find out what it held (``site/<id>`` record -> tree
+root -> entries -> manifests -> blobs). DHT values stay tiny (a hash and a few numbers): lists
+never go on the DHT. Pure: no I/O here.
 """
 
 from __future__ import annotations
@@ -15,21 +16,18 @@ from typing import Any
 import msgpack
 
 from p2pacs.errors import IntegrityError
-from p2pacs.store import hash_bytes
 
 __all__ = [
     "SITE_NAMESPACE",
     "STUDY_NAMESPACE",
-    "Catalogue",
     "CatalogueEntry",
     "SiteRecord",
     "StudyHolding",
+    "newest_first",
 ]
 
 STUDY_NAMESPACE = "study"  # key: study UID; one entry per holding site
 SITE_NAMESPACE = "site"  # key: site_id hex; the site's own entry
-
-_CATALOGUE_VERSION = 1
 
 
 def _pack(obj: Any) -> bytes:
@@ -46,49 +44,9 @@ class CatalogueEntry:
     updated: float
 
 
-@dataclass(frozen=True, slots=True)
-class Catalogue:
-    """Every study one site holds."""
-
-    site_id: str  # hex
-    entries: tuple[CatalogueEntry, ...]
-
-    def encode(self) -> bytes:
-        rows = [
-            [e.study_uid, e.manifest_hash, e.study_date, e.instances, e.bytes, e.updated]
-            for e in sorted(self.entries)
-        ]
-        return _pack([_CATALOGUE_VERSION, self.site_id, rows])
-
-    @property
-    def hash(self) -> str:
-        return hash_bytes(self.encode())
-
-    @classmethod
-    def decode(cls, data: bytes, expected_hash: str | None = None) -> Catalogue:
-        if expected_hash is not None and hash_bytes(data) != expected_hash:
-            raise IntegrityError(f"catalogue bytes do not match {expected_hash}")
-        try:
-            version, site_id, rows = msgpack.unpackb(data, raw=False)
-            if version != _CATALOGUE_VERSION:
-                raise ValueError(f"unknown catalogue version {version!r}")
-            entries = tuple(
-                sorted(
-                    CatalogueEntry(str(s), str(m), str(d), int(n), int(b), float(t))
-                    for s, m, d, n, b, t in rows
-                )
-            )
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise IntegrityError(f"malformed catalogue: {exc}") from exc
-        return cls(str(site_id), entries)
-
-    def newest_first(self) -> list[CatalogueEntry]:
-        """Recovery order: the last days' studies first, then the archive of years."""
-        return sorted(self.entries, key=lambda e: (e.study_date, e.updated), reverse=True)
-
-    @classmethod
-    def of(cls, site_id: str, entries: Iterable[CatalogueEntry]) -> Catalogue:
-        return cls(site_id, tuple(sorted(entries)))
+def newest_first(entries: Iterable[CatalogueEntry]) -> list[CatalogueEntry]:
+    """Recovery order: the last days' studies first, then the archive of years."""
+    return sorted(entries, key=lambda e: (e.study_date, e.updated), reverse=True)
 
 
 @dataclass(frozen=True, slots=True)

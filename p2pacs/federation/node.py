@@ -28,14 +28,15 @@ from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
 from p2pacs.dicom.header import AttrValue
 from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
+from p2pacs.federation import cattree
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
-    STUDY_NAMESPACE,
-    Catalogue,
     CatalogueEntry,
     SiteRecord,
     StudyHolding,
 )
+from p2pacs.federation.catstore import CatalogueStore, Committed
+from p2pacs.federation.catsync import CatalogueCopier
 from p2pacs.federation.identity import load_identity
 from p2pacs.federation.manifest import Manifest, ManifestEntry
 from p2pacs.federation.members import (
@@ -59,6 +60,7 @@ T = TypeVar("T")
 
 BRIDGE_TIMEOUT = 600.0  # seconds a DICOM thread waits for a read-through fetch
 CATALOGUE_PUSH_TIMEOUT = 10.0  # seconds a member gets to copy a new catalogue
+SWEEP_INTERVAL = 60.0  # seconds between collections of superseded metadata
 DECODED_CACHE = 4096  # decoded manifests (and, apart, catalogues) kept by hash
 CORRUPT_QUEUE = 1024  # blobs found corrupt while serving, waiting for repair (more are dropped:
 # the peer's fetch or the next scrub finds them again)
@@ -132,6 +134,10 @@ class FederationNode:
         self.dicom_address = dicom_address
         self.started_at = time.time()
         self.members = MemberTable(archive.db, self.site_id)
+        self.catalogues = CatalogueStore(archive.db, archive.blobs, self.site_id)
+        self.copier = CatalogueCopier(self.catalogues, lambda: self.client)
+        self._copy_wake = asyncio.Event()
+        self.metadata_collected = 0  # superseded catalogue nodes and manifests deleted
         self.dht: DhtNode | None = None
         self.server: TransferServer | None = None
         self.client: PeerClient | None = None
@@ -141,6 +147,7 @@ class FederationNode:
             self.site_hex,
             self._dht_put,
             self.site_record,
+            self.catalogues,
             record_ttl=self.config.record_ttl,
         )
         self.publisher.on_catalogue = self.push_catalogue
@@ -156,7 +163,6 @@ class FederationNode:
         self.queued: Callable[[str], CatalogueEntry | None] = lambda _uid: None
         self.instance_blobs_fetched = 0  # by study fetches since start (status, resume tests)
         self._manifests: LruCache[Manifest] = LruCache(DECODED_CACHE)
-        self._catalogues: LruCache[Catalogue] = LruCache(DECODED_CACHE)
         self.clock_offsets: dict[bytes, float] = {}  # member -> seconds its clock is ahead
         # a blob found corrupt while serving it to a peer is repaired by ``repair`` (set by the
         # site: healing's repair_blob), one at a time, each hash queued once
@@ -241,6 +247,8 @@ class FederationNode:
             tg.create_task(self.publisher.run(), name="publish")
             tg.create_task(self._heartbeat_loop(), name="heartbeat")
             tg.create_task(self._repair_served_loop(), name="repair-served")
+            tg.create_task(self._copy_loop(), name="catalogue-copies")
+            tg.create_task(self._sweep_loop(), name="metadata-sweep")
             for factory in self._extra_tasks:
                 tg.create_task(factory())
 
@@ -269,6 +277,7 @@ class FederationNode:
     def snapshot(self) -> dict[str, Any]:
         """The federation part of ``status``: members, clock, repair of served blobs, DHT."""
         now = time.time()
+        held = self.catalogues.roots()  # a read of one small table
         members: list[dict[str, Any]] = [
             {
                 "name": m.name,
@@ -278,6 +287,8 @@ class FederationNode:
                 "last_seen_s": round(now - m.last_seen, 1) if m.last_seen else None,
                 "address": f"{m.record.host}:{m.record.transfer_port}",
                 "studies": m.record.studies,
+                # this site holds the member's latest catalogue (what it needs after a wipe)
+                "catalogue_held": held.get(m.site_id, "") == m.record.catalogue_hash,
                 "clock_offset_s": (
                     round(self.clock_offsets[m.site_id], 1)
                     if m.site_id in self.clock_offsets
@@ -296,6 +307,15 @@ class FederationNode:
             "corrupt_served": self.server.stats["corrupt"] if self.server is not None else 0,
             "corrupt_repaired": self.corrupt_repaired,
             "catalogue": self.publisher.catalogue_hash,
+            "catalogue_studies": self.publisher.catalogue_studies,
+            "metadata": {
+                "catalogue_copies": self.copier.stats.copies,
+                "catalogue_nodes_fetched": self.copier.stats.nodes_fetched,
+                "catalogue_bytes_fetched": self.copier.stats.bytes_fetched,
+                "catalogue_copies_failed": self.copier.stats.failed,
+                "garbage": self.catalogues.garbage(),
+                "collected": self.metadata_collected,
+            },
             # its site record went out (after a member copied the catalogue it names)
             "site_record": self.dht is not None and self.signed_site_record() is not None,
             "studies_published": self.publisher.studies_published,
@@ -390,6 +410,7 @@ class FederationNode:
         for site_id in candidates - known - {self.site_id}:
             await self.refresh_member(site_id)
         await asyncio.gather(*(self._ping(m) for m in self.members), return_exceptions=True)
+        self._copy_wake.set()  # copy the trees of members whose root moved
         self._log_member_changes()
         self._check_clock()
 
@@ -591,20 +612,18 @@ class FederationNode:
     # --- holders and fetching -------------------------------------------------------------------
 
     async def holders(self, study_uid: str) -> list[Holder]:
-        """Every other site that published a manifest of ``study_uid``, live ones first."""
-        assert self.dht is not None
+        """Every other site whose catalogue lists ``study_uid`` (from the copies of the members'
+        trees held here: a local read), live ones first."""
+        found = await asyncio.to_thread(self.catalogues.holders, [study_uid])
         out = []
-        for entry in await self.dht.get(STUDY_NAMESPACE, study_uid):
-            if entry.publisher == self.site_id:
+        for site_id, holding in found.get(study_uid, {}).items():
+            if site_id == self.site_id:
                 continue
-            try:
-                holding = StudyHolding.decode(entry.value)
-            except P2PacsError:
-                continue
-            member = self.members.get(entry.publisher) or await self.refresh_member(entry.publisher)
+            member = self.members.get(site_id) or await self.refresh_member(site_id)
             peer = self.peer_of(member) if member else None
             up = bool(member and member.is_up(self.config.down_after))
-            out.append(Holder(entry.publisher, entry.publisher_name, holding, peer, up))
+            name = member.name if member else site_id.hex()[:12]
+            out.append(Holder(site_id, name, holding, peer, up))
         out.sort(key=lambda h: (not h.up, h.site_id))
         return out
 
@@ -629,14 +648,6 @@ class FederationNode:
             self._manifests.put(h, cached)
         return cached
 
-    async def catalogue_by_hash(self, h: str, peers: list[Peer]) -> Catalogue:
-        """A catalogue by hash, like ``fetch_manifest``."""
-        cached = self._catalogues.get(h)
-        if cached is None:
-            cached = Catalogue.decode(await self._small_blob(h, peers))
-            self._catalogues.put(h, cached)
-        return cached
-
     def local_manifest(self, h: str) -> Manifest | None:
         """A manifest held here (decoded once, then cached); None if not held. Any thread."""
         cached = self._manifests.get(h)
@@ -653,7 +664,11 @@ class FederationNode:
             return await asyncio.to_thread(self.archive.blobs.get, h)
         if not peers:
             raise PeerUnavailableError(f"no reachable site holds blob {h[:16]}")
-        return await self.client.fetch_verified(peers, h, self.archive.blobs)
+        data = await self.client.fetch_verified(peers, h, self.archive.blobs)
+        # a manifest fetched to compare: kept while a catalogue held here names it, else
+        # collected after the grace period
+        await asyncio.to_thread(self.catalogues.mark_unreferenced, [h])
+        return data
 
     def live_peers(self) -> list[Peer]:
         return [self.peer_of(m) for m in self.live_members()]
@@ -812,9 +827,51 @@ class FederationNode:
                 f", {len(fetched.failed)} failed" if fetched.failed else "",
             )
 
-    async def catalogue_of(self, member: Member) -> Catalogue | None:
-        """A member's latest catalogue, fetched from it (or any holder) when we lack it."""
-        h = member.record.catalogue_hash
-        if not h:
-            return None
-        return await self.catalogue_by_hash(h, [self.peer_of(member), *self.live_peers()])
+    # --- members' catalogue trees -----------------------------------------------------------------
+
+    async def copy_catalogue(self, site_id: bytes, root: str, peers: list[Peer]) -> Committed:
+        """Hold ``root`` as ``site_id``'s catalogue tree, fetching only the nodes not held."""
+        return await self.copier.copy(site_id, root, peers)
+
+    async def _copy_loop(self) -> None:
+        """Copy each live member's tree when its site record names a new root (heartbeats
+        wake this; a member's own push usually got here first)."""
+        while True:
+            await self._copy_wake.wait()
+            self._copy_wake.clear()
+            await self.copy_member_catalogues()
+
+    async def copy_member_catalogues(self) -> int:
+        """Copy the latest tree of every live member not held yet; returns how many failed
+        (a wiped site needs them all to know who holds its studies)."""
+        held = await asyncio.to_thread(self.catalogues.roots)
+        stale = [
+            m
+            for m in self.live_members()
+            if m.record.catalogue_hash != held.get(m.site_id, cattree.EMPTY)
+        ]
+
+        async def one(m: Member) -> bool:
+            peers = [self.peer_of(m), *self.live_peers()]
+            try:
+                await self.copy_catalogue(m.site_id, m.record.catalogue_hash, peers)
+                return True
+            except (P2PacsError, OSError) as exc:
+                log.info("could not copy the catalogue of %s: %s", m.name, exc)
+                return False
+
+        return sum(not ok for ok in await asyncio.gather(*(one(m) for m in stale)))
+
+    async def _sweep_loop(self) -> None:
+        """Collect superseded catalogue nodes and manifests, a bounded batch at a time."""
+        grace = self.config.metadata_grace
+        while True:
+            await asyncio.sleep(min(SWEEP_INTERVAL, max(1.0, grace)))
+            try:
+                gone = await asyncio.to_thread(self.catalogues.sweep, grace)
+            except P2PacsError as exc:
+                log.warning("metadata sweep failed: %s", exc)
+                continue
+            self.metadata_collected += gone
+            if gone:
+                log.info("collected %d superseded catalogue nodes and manifests", gone)

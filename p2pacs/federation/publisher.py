@@ -1,10 +1,14 @@
 """Publication: manifests, ``study/<uid>`` records and the site's catalogue, in batches.
 
 Ingest marks a study dirty; one task wakes, waits a short batching window (a study arriving at
-hundreds of instances per second is published once, not once per instance), stores each dirty
-study's manifest as a blob, puts its ``study/<uid>`` entry on the DHT, then the catalogue blob
-and the ``site/<id>`` record. Entries for studies still being recovered keep their previous
-manifest hash, so a recovering site never advertises that it lost them.
+hundreds of instances per second is published once, not once per instance), builds each dirty
+study's manifest, commits the manifests with the changed paths of the site's catalogue tree
+(``cattree``: the cost follows the studies that changed, not the catalogue) in one durable
+write, then has the members copy the new root and puts the ``site/<id>`` record naming it. No
+record per study goes on the DHT: every member holds every member's tree, so "who holds this
+study" is answered from the copies (``CatalogueStore.holders``), and the DHT carries one record
+per site whatever the archive's size. Entries for studies still being recovered
+keep their previous manifest hash, so a recovering site never advertises that it lost them.
 """
 
 from __future__ import annotations
@@ -17,16 +21,16 @@ from p2pacs import failpoints
 from p2pacs.archive import Archive
 from p2pacs.const import RECORD_TTL
 from p2pacs.errors import FederationError
+from p2pacs.federation import cattree
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
-    STUDY_NAMESPACE,
-    Catalogue,
     CatalogueEntry,
     SiteRecord,
-    StudyHolding,
 )
+from p2pacs.federation.catstore import CatalogueStore, Committed, EntryChange
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.manifest import Manifest, build_manifest
+from p2pacs.store import hash_bytes
 
 __all__ = ["CatalogueNotCopiedError", "Publisher"]
 
@@ -43,7 +47,7 @@ PutFn = Callable[[str, str, bytes, float], Awaitable[int]]
 
 
 class Publisher:
-    """Keeps this site's manifests, catalogue and DHT records in step with its archive."""
+    """Keeps this site's manifests, catalogue tree and DHT records in step with its archive."""
 
     def __init__(
         self,
@@ -51,6 +55,7 @@ class Publisher:
         site_hex: str,
         put: PutFn,
         site_record: Callable[[], SiteRecord],
+        store: CatalogueStore,
         *,
         record_ttl: float = RECORD_TTL,
     ):
@@ -58,25 +63,29 @@ class Publisher:
         self.site_hex = site_hex
         self._put = put
         self._site_record = site_record
+        self.store = store
         self.record_ttl = record_ttl
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self.entries: dict[str, CatalogueEntry] = {}
-        # studies held before a wipe, not back yet: the recovery queue's, read-only here
-        self.queued: Callable[[], Iterable[CatalogueEntry]] = tuple
-        self.catalogue_hash = ""
+        # a study held before a wipe and not back yet: the recovery queue's entry, read-only here
+        self.queued: Callable[[str], CatalogueEntry | None] = lambda _uid: None
+        self.catalogue_hash = ""  # the root of this site's catalogue tree
+        self.catalogue_studies = 0  # studies the tree lists (recovering ones included)
         self.published = asyncio.Event()  # set after each completed round
         # set once the archive has a baseline (``continuity``): until then publishing
         # ``site/<id>`` could replace a wiped site's record with an empty catalogue
         self.site_ready = asyncio.Event()
         self.on_published: list[Callable[[list[str]], None]] = []
+        self.on_committed: list[Callable[[Committed], None]] = []  # the tree changed
         # copies the catalogue to the members; returns how many took it
         self.on_catalogue: Callable[[str], Awaitable[int]] | None = None
         self.has_members: Callable[[], bool] = lambda: False
         self.on_site_record: Callable[[], Awaitable[None]] | None = None
         self._published = EntryTable(archive.db, "fed_published")  # what was last published
         self.loaded = asyncio.Event()  # set by ``catch_up``: nothing is published before
-        self.studies_published = 0  # study records put on the DHT by this run
+        self.studies_published = 0  # studies whose catalogue entry this run changed
+        self._tree = asyncio.Lock()  # one change of the tree at a time
 
     async def catch_up(self) -> None:
         """At start, off the event loop: load what was last published and mark only the
@@ -95,6 +104,12 @@ class Publisher:
 
         entries, changed = await asyncio.to_thread(scan)
         self.entries = {**entries, **self.entries}
+        async with self._tree:
+            root = await asyncio.to_thread(self.store.root, self.store.own)
+            if root == cattree.EMPTY and entries:  # published before the tree existed here
+                await self._commit(list(entries), {})
+            else:
+                await self._adopt_root(root)
         self.loaded.set()
         if changed:
             log.info("%d studies changed since they were last published", len(changed))
@@ -129,35 +144,86 @@ class Publisher:
                 await asyncio.sleep(1.0)
                 self._wake.set()
 
-    async def publish(self, studies: list[str]) -> None:
-        published: list[CatalogueEntry] = []
+    def _prepare(self, studies: list[str]) -> list[tuple[CatalogueEntry, bytes]]:
+        """Each study's new entry and manifest bytes (thread: reads the index)."""
+        out = []
         for uid in studies:
-            manifest = await asyncio.to_thread(self.manifest_of, uid)
+            manifest = self.manifest_of(uid)
             if not manifest.entries:
                 continue
             data = manifest.encode()
-            h = await self.archive.blobs.aput(data)
             study = self.archive.index.study(uid)
             date = str(study.attrs.get("StudyDate", "")) if study else ""
             entry = CatalogueEntry(
-                uid, h, date, manifest.instances, manifest.total_bytes,
+                uid, hash_bytes(data), date, manifest.instances, manifest.total_bytes,
                 study.updated if study else 0.0,
             )  # fmt: skip
-            if self.entries.get(uid) != entry:
-                holding = StudyHolding(h, manifest.instances, manifest.total_bytes)
-                await self._put(STUDY_NAMESPACE, uid, holding.encode(), self.record_ttl)
-                self.entries[uid] = entry
-                published.append(entry)
-                self.studies_published += 1
-        if published:
-            await asyncio.wrap_future(self._published.put(published))
+            out.append((entry, data))
+        return out
+
+    async def publish(self, studies: list[str]) -> None:
+        prepared = await asyncio.to_thread(self._prepare, studies)
+        fresh = [(e, data) for e, data in prepared if self.entries.get(e.study_uid) != e]
+        async with self._tree:
+            for e, _ in fresh:
+                self.entries[e.study_uid] = e
+            # the manifests are durable, with the tree naming them, before the root goes out
+            await self._commit(studies, {e.manifest_hash: data for e, data in fresh})
+        self.studies_published += len(fresh)
+        if fresh:
+            await asyncio.wrap_future(self._published.put([e for e, _ in fresh]))
         await self.publish_site()
         for listener in self.on_published:
             listener(studies)
         self.published.set()
 
+    async def _commit(self, studies: list[str], manifests: dict[str, bytes]) -> None:
+        """Bring the tree's entries of ``studies`` in line (recovering ones keep the queue's
+        entry); one write with ``manifests``. Call holding ``_tree``."""
+        wanted = {uid: self.queued(uid) or self.entries.get(uid) for uid in studies}
+
+        def work() -> Committed | None:
+            store = self.store
+            root = store.root(store.own)
+            changes: list[EntryChange] = []
+            for uid, entry in wanted.items():
+                before = cattree.lookup(store.nodes, root, uid)
+                if before != entry and entry is not None:  # a study is never dropped here
+                    changes.append((uid, before, entry))
+            if not changes and not manifests:
+                return None
+            update = cattree.apply(store.nodes, root, {uid: e for uid, _, e in changes})
+            return store.commit_own(update, root, changes, manifests)
+
+        committed = await asyncio.to_thread(work)
+        if committed is not None:
+            await self._adopt_root(committed.root)
+            for listener in self.on_committed:
+                listener(committed)
+
+    async def adopt(self, root: str) -> None:
+        """After a wipe: make the tree found in this site's last record its own again, with
+        the studies published since applied on top (every node of ``root`` is held here)."""
+        async with self._tree:
+
+            def work() -> Committed:
+                store = self.store
+                mine = {uid: e for uid, e in self.entries.items()}
+                update = cattree.apply(store.nodes, root, mine)
+                store.store_nodes(update.new)  # then move from the current root to it
+                return store.advance(store.own, update.root)
+
+            committed = await asyncio.to_thread(work)
+            await self._adopt_root(committed.root)
+            for listener in self.on_committed:
+                listener(committed)
+
+    async def _adopt_root(self, root: str) -> None:
+        self.catalogue_hash = root
+        self.catalogue_studies = await asyncio.to_thread(cattree.count, self.store.nodes, root)
+
     async def publish_site(self) -> None:
-        """Store the catalogue blob (held + still-recovering studies) and put ``site/<id>``.
+        """Have the members copy the catalogue tree and put ``site/<id>`` naming its root.
 
         Never before the archive has a baseline: that is the one rule that keeps a wiped site
         from replacing its catalogue with an empty one."""
@@ -165,10 +231,8 @@ class Publisher:
             return
         await self.loaded.wait()  # a catalogue without the studies published before: never
         await failpoints.async_hit("catalogue.publish", FederationError)
-        merged = {**self.entries, **{e.study_uid: e for e in self.queued()}}  # keep old entries
-        catalogue = Catalogue.of(self.site_hex, merged.values())
-        self.catalogue_hash = await self.archive.blobs.aput(catalogue.encode())
-        if self.on_catalogue is not None:  # copies at other sites first: a wiped site needs one
+        if self.on_catalogue is not None and self.catalogue_hash:
+            # copies at other sites first: a wiped site needs one
             taken = await self.on_catalogue(self.catalogue_hash)
             if not taken and self.has_members():
                 raise CatalogueNotCopiedError(

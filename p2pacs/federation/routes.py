@@ -92,8 +92,10 @@ class _PeerRoutes:
             peers = [Peer(site_id, site_id.hex()[:12], request.remote, port)]
         else:
             peers = fed.live_peers()
+        if not site_id:
+            raise web.HTTPBadRequest(text="the caller's site is unknown")
         try:
-            await fed.fetch_blob(h, None, peers)
+            await fed.copy_catalogue(site_id, h, peers)
         except P2PacsError as exc:
             log.info("could not copy catalogue %s of %s: %s", h[:16], site_id.hex()[:12], exc)
             raise web.HTTPBadGateway(text=str(exc)) from None

@@ -24,7 +24,8 @@ from typing import Any
 
 from p2pacs import const, failpoints
 from p2pacs.errors import P2PacsError, RecoveryError, StoreFullError
-from p2pacs.federation.catalogue import Catalogue, CatalogueEntry, SiteRecord
+from p2pacs.federation import cattree
+from p2pacs.federation.catalogue import CatalogueEntry, SiteRecord, newest_first
 from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read_baseline
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.node import FederationNode
@@ -105,7 +106,7 @@ class Recovery:
         # publisher keeps their old entries in the catalogue and the node treats them as not
         # held, both through read-only views
         self.queue: dict[str, CatalogueEntry] = {}
-        node.publisher.queued = self.queue.values
+        node.publisher.queued = self.queue.get
         node.queued = self.queue.get
         self._bytes_finished = 0
         self.queue.update(self._pending.load())  # small: the studies not back yet
@@ -144,8 +145,12 @@ class Recovery:
             newest = max(found, key=lambda e: e.seq)
             record = SiteRecord.decode(newest.value)
             if record.catalogue_hash:
-                catalogue = await self._catalogue(record.catalogue_hash)
-                queued = await self._enqueue_missing(catalogue)
+                await self._catalogue(record.catalogue_hash)
+                queued = await self._enqueue_missing(record.catalogue_hash)
+                # who holds each study comes from the members' trees: copy them before fetching
+                failed = await node.copy_member_catalogues()
+                if failed:
+                    log.warning("%d members' catalogues not copied yet; retried", failed)
             detail = f"seq {newest.seq}, catalogue {record.catalogue_hash[:16] or 'empty'}"
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
@@ -164,7 +169,8 @@ class Recovery:
         self._notify()
         return queued
 
-    async def _catalogue(self, h: str) -> Catalogue:
+    async def _catalogue(self, h: str) -> None:
+        """Fetch this site's last catalogue tree from the members and make it its own again."""
         peers = self.node.live_peers()
         for _ in range(PLAN_ATTEMPTS):
             if peers:
@@ -174,14 +180,15 @@ class Recovery:
             if not peers:
                 await asyncio.sleep(PLAN_RETRY)
         try:
-            return await self.node.catalogue_by_hash(h, peers)
+            await self.node.copier.adopt(h, peers)
+            await self.node.publisher.adopt(h)
         except P2PacsError as exc:
             raise RecoveryError(
                 f"cannot fetch this site's catalogue {h[:16]} from any member ({exc}); "
                 "check that other sites are up and reachable, then run recover again"
             ) from exc
 
-    async def _enqueue_missing(self, catalogue: Catalogue) -> int:
+    async def _enqueue_missing(self, root: str) -> int:
         """Queue the catalogue's studies not held whole here: compared and written off the
         event loop, in one durable write, however long the catalogue."""
         pending = set(self.queue)
@@ -190,7 +197,7 @@ class Recovery:
         def plan_and_write() -> list[CatalogueEntry]:
             todo = [
                 e
-                for e in catalogue.entries
+                for e in cattree.entries(self.node.catalogues.nodes, root)
                 if e.study_uid not in pending and not self._complete(e, held.get(e.study_uid))
             ]
             self._pending.put(todo).result(const.WRITE_TIMEOUT)
@@ -362,9 +369,7 @@ class Recovery:
         one study's lookups and manifests overlap another's blobs, so the transfer never idles
         between studies."""
         pending = self.queue
-        queue = Catalogue.of(
-            self.node.site_hex, pending.values() if entries is None else entries
-        ).newest_first()
+        queue = newest_first(pending.values() if entries is None else entries)
         p = self.progress
         partial: dict[str, int] = {}  # bytes so far of the studies being fetched
 

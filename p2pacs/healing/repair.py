@@ -1,7 +1,13 @@
 """Anti-entropy: find studies held by fewer than R live sites and restore R.
 
-Each pass builds a view of who holds what from the members' catalogues (the last catalogue of a
-member that went down is still known, which is exactly what tells the survivors what to copy).
+Who holds what comes from the catalogue trees held here (this site's and a copy of each
+member's; the last tree of a member that went down is still held, which is exactly what tells
+the survivors what to copy), through ``CatalogueStore.holders``. A pass looks only at what may
+have changed: the studies whose holders changed since the last pass (each new root committed
+names them), every study of a site that went down or came back, and the studies still
+under-replicated; the first pass after start looks at every study once, off the event loop in
+batches. An idle pass costs nothing.
+
 For a study with fewer than R live holders, the missing copies go to the best-ranked live
 non-holders (rendezvous order, so every site computes the same targets); a target pulls on its
 own, and the top-ranked live holder also notifies the targets so repair starts at once. Copies
@@ -14,12 +20,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from p2pacs import failpoints
 from p2pacs.errors import P2PacsError, ReplicationError, StoreFullError
+from p2pacs.federation.catstore import Committed
 from p2pacs.federation.node import FederationNode
 from p2pacs.healing.placement import RepairPlan, plan_repairs
 
@@ -29,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PULL_WORKERS = 2  # studies pulled at once; each pull fetches its blobs in parallel
 FULL_PAUSE = 60.0  # seconds a pull worker rests after the archive was found full
+PASS_BATCH = 5_000  # studies looked at per step of a pass (one read snapshot, one plan)
 
 
 @dataclass(slots=True)
@@ -50,13 +58,18 @@ class Healer:
         self.node = node
         self.replication = max(1, node.config.replication)
         self.stats = HealerStats()
+        self.under: set[str] = set()  # studies with fewer than R live complete holders
+        self._dirty: set[str] = set()  # studies to look at in the next pass
+        self._everything = True  # the first pass looks at every study once
+        self._live_before: set[bytes] = {node.site_id}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._kick = asyncio.Event()
         # while the site recovers, its recovery queue decides what comes back when (newest
         # study first); a pull it takes over returns here at a later pass if still needed
         self.defer: Callable[[str], bool] | None = None
-        node.publisher.on_published.append(lambda _studies: self._kick.set())
+        node.publisher.on_committed.append(self._changed)
+        node.copier.on_committed.append(self._changed)
         # under_replicated follows the live view: a member seen down (or back) starts a pass now
         node.on_members_changed.append(self._kick.set)
 
@@ -96,24 +109,45 @@ class Healer:
             except Exception:
                 log.exception("anti-entropy pass failed")
 
-    async def holders_view(self) -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
-        """(complete, incomplete): study -> sites holding all / part of it, from this site's
-        index and every member's latest catalogue."""
+    def _changed(self, committed: Committed) -> None:
+        """A catalogue tree moved: its changed studies are looked at in the next pass."""
+        self._dirty.update(committed.studies)
+        self._kick.set()
+
+    async def _to_look_at(self, live: set[bytes]) -> AsyncIterator[list[str]]:
+        """The studies this pass looks at, in batches."""
+        store = self.node.catalogues
+        if self._everything:
+            self._everything = False
+            for batch in await asyncio.to_thread(lambda: list(store.studies(PASS_BATCH))):
+                yield batch
+        moved = (live ^ self._live_before) - {self.node.site_id}
+        self._live_before = set(live)
+        studies, self._dirty = self._dirty | self.under, set()
+
+        def of_sites() -> set[str]:
+            return {e.study_uid for site in moved for e in store.entries(site)}
+
+        if moved:
+            studies |= await asyncio.to_thread(of_sites)
+        ordered = sorted(studies)
+        for i in range(0, len(ordered), PASS_BATCH):
+            yield ordered[i : i + PASS_BATCH]
+
+    async def holders_view(
+        self, studies: list[str]
+    ) -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
+        """(complete, incomplete): study -> sites holding all / part of it, for ``studies``."""
         node = self.node
-        published: dict[str, dict[bytes, str]] = {}  # study -> site -> manifest hash
-        for uid, entry in node.publisher.entries.items():
-            published.setdefault(uid, {})[node.site_id] = entry.manifest_hash
-        for member in node.members:
-            try:
-                catalogue = await node.catalogue_of(member)
-            except P2PacsError as exc:
-                log.debug("catalogue of %s unavailable: %s", member.name, exc)
-                continue
-            for entry in catalogue.entries if catalogue else ():
-                published.setdefault(entry.study_uid, {})[member.site_id] = entry.manifest_hash
+        by_study = await asyncio.to_thread(node.catalogues.holders, studies)
         complete: dict[str, set[bytes]] = {}
         incomplete: dict[str, set[bytes]] = {}
-        for uid, by_site in published.items():
+        for uid, holdings in by_study.items():
+            by_site = {site: h.manifest_hash for site, h in holdings.items()}
+            if node.queued(uid) is not None:  # still being recovered: not held here yet
+                by_site.pop(node.site_id, None)
+            if not by_site:
+                continue
             if len(set(by_site.values())) == 1:
                 complete[uid] = set(by_site)
                 continue
@@ -138,24 +172,37 @@ class Healer:
         return {site for site, have in versions.items() if have >= union}
 
     async def run_pass(self) -> RepairPlan:
-        complete, incomplete = await self.holders_view()
         live = self.node.live_site_ids()
-        plan = plan_repairs(complete, live, self.node.site_id, self.replication, incomplete)
+        me, r = self.node.site_id, self.replication
+        total = RepairPlan([], [], {})
+        try:
+            async for batch in self._to_look_at(live):
+                complete, incomplete = await self.holders_view(batch)
+                plan = await asyncio.to_thread(plan_repairs, complete, live, me, r, incomplete)
+                self.under.difference_update(batch)
+                self.under.update(plan.under_replicated)
+                for uid in plan.pull:
+                    self.request(uid)
+                await self._notify(plan.notify)
+                total.under_replicated.extend(plan.under_replicated)
+                total.pull.extend(plan.pull)
+                for site, studies in plan.notify.items():
+                    total.notify.setdefault(site, []).extend(studies)
+        except BaseException:
+            self._everything = True  # looked at again, whole, at the next pass
+            raise
         self.stats.passes += 1
         self.stats.last_pass = time.time()
-        before, after = self.stats.under_replicated, len(plan.under_replicated)
+        before, after = self.stats.under_replicated, len(self.under)
         self.stats.under_replicated = after
         if after and not before:
             log.warning(
                 "repair started: %d studies have fewer than %d live copies; this site pulls %d",
-                after, self.replication, len(plan.pull),
+                after, self.replication, len(total.pull),
             )  # fmt: skip
         elif before and not after:
             log.warning("repair finished: every study has %d live copies", self.replication)
-        for uid in plan.pull:
-            self.request(uid)
-        await self._notify(plan.notify)
-        return plan
+        return total
 
     async def _notify(self, notify: Mapping[bytes, Iterable[str]]) -> None:
         assert self.node.client is not None
@@ -204,6 +251,7 @@ class Healer:
                 log.exception("pull of %s failed", uid)
             finally:
                 self._queued.discard(uid)
+                self._dirty.add(uid)  # looked at again next pass: done, or pulled again
 
     async def _incomplete(self, study_uids: list[str]) -> list[str]:
         """Studies whose holders publish versions this site lacks."""

@@ -213,35 +213,33 @@ class BlobStore:
 
     def delete(self, h: str) -> bool:
         """Remove a blob (used to replace a corrupt copy); False if it was not stored."""
+        return self._db.write(lambda txn: self.delete_in(txn, h))
+
+    def delete_in(self, txn: lmdb.Transaction, h: str) -> bool:
+        """``delete`` inside an open write transaction (collecting superseded metadata checks
+        that nothing refers to a blob and removes it in one transaction)."""
         digest = _digest(h)
-
-        def job(txn: lmdb.Transaction) -> bool:
-            raw = txn.get(digest, db=self._blobs)
-            if raw is None:
-                return False
-            size, chunk_size = _ENTRY.unpack(raw)
-            txn.delete(digest, db=self._blobs)
-            for i in range(max(1, -(-size // chunk_size))):
-                txn.delete(_chunk_key(digest, i), db=self._chunks)
-            return True
-
-        return self._db.write(job)
+        raw = txn.get(digest, db=self._blobs)
+        if raw is None:
+            return False
+        size, chunk_size = _ENTRY.unpack(raw)
+        txn.delete(digest, db=self._blobs)
+        for i in range(max(1, -(-size // chunk_size))):
+            txn.delete(_chunk_key(digest, i), db=self._chunks)
+        return True
 
     def sweep(self) -> int:
         """Delete orphan chunks left by an interrupted ``put_stream``; returns how many."""
 
         def job(txn: lmdb.Transaction) -> int:
-            removed = 0
-            cursor = txn.cursor(db=self._chunks)
-            ok = cursor.first()
-            while ok:
-                key = cursor.key()
-                if txn.get(key[:32], db=self._blobs) is None:
-                    ok = cursor.delete()
-                    removed += 1
-                else:
-                    ok = cursor.next()
-            return removed
+            orphans = [
+                bytes(key)
+                for key in txn.cursor(db=self._chunks).iternext(values=False)
+                if txn.get(key[:32], db=self._blobs) is None
+            ]
+            for key in orphans:
+                txn.delete(key, db=self._chunks)
+            return len(orphans)
 
         return self._db.write(job)
 

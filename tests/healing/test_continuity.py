@@ -7,11 +7,16 @@ everything.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from dht import DhtNode
+from p2pacs.control.client import RUNFILE
+from p2pacs.federation.identity import enroll_site, load_identity
 from p2pacs.site import Site
 from p2pacs.testbed import SiteProcess, Testbed, wait_for
 
@@ -38,8 +43,28 @@ def short_ttl_bed(tmp_path: Path) -> Iterator[Testbed]:
         yield bed
 
 
-def _listed_as_holder(site: SiteProcess, name: str, studies: set[str]) -> bool:
-    return any(h["name"].startswith(name) for uid in studies for h in site.find(uid))
+def _site_record_on_dht(bed: Testbed, of: str, via: str) -> bool:
+    """Whether the DHT still holds ``of``'s site record, as a member looking it up through
+    ``via`` sees it (a throwaway member of the same federation: its own DHT node)."""
+    folder = bed.root / "observer"
+    member = (
+        Site.open(folder)
+        if folder.exists()
+        else enroll_site(bed.fed_dir, "observer", folder, discovery=False)
+    )
+    identity, federation = load_identity(member)
+    site_hex = load_identity(bed[of].site)[0].site_id.hex()
+    info = json.loads((bed[via].path / RUNFILE).read_text())
+
+    async def look() -> bool:
+        node = await DhtNode.start(identity, federation, host="127.0.0.1", port=0)
+        try:
+            await node.bootstrap([(info["dht"][0], int(info["dht"][1]))])
+            return bool(await node.get("site", site_hex))
+        finally:
+            await node.stop()
+
+    return asyncio.run(look())
 
 
 def _recovery(site: SiteProcess) -> dict[str, object]:
@@ -50,11 +75,12 @@ def _recovery(site: SiteProcess) -> dict[str, object]:
 def test_wiped_after_outage_longer_than_ttl_recovers_everything(
     short_ttl_bed: Testbed, fault_instances: list[Path]
 ) -> None:
-    clinic, lab = short_ttl_bed["clinic-a"], short_ttl_bed["research-lab"]
+    clinic = short_ttl_bed["clinic-a"]
     stored, studies = ingest_replicated(clinic, fault_instances)
     clinic.kill()
-    # every record clinic-a published has lapsed on the DHT: nobody lists it as a holder
-    assert wait_for(lambda: not _listed_as_holder(lab, "clinic-a", studies), 4 * TTL, 0.5)
+    # the site record clinic-a published has lapsed on the DHT (the members keep their copies)
+    assert wait_for(lambda: not _site_record_on_dht(short_ttl_bed, "clinic-a", "research-lab"),
+                    4 * TTL, 0.5)  # fmt: skip
     clinic.wipe()
     clinic.start()
     done = clinic.run_cli("recover", timeout=180)

@@ -149,7 +149,8 @@ def test_non_member_cannot_join_read_or_fetch(
         try:
             with contextlib.suppress(DhtError):
                 await node.bootstrap([dht_addr])
-            entries = list(await node.get("study", study))
+            clinic_id = load_identity(clinic.site)[0].site_id.hex()
+            entries = list(await node.get("site", clinic_id))
             assert node.contacts() == []
         finally:
             await node.stop()
