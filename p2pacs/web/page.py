@@ -8,6 +8,8 @@ stays and a banner says since when it has not answered.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import time
 from collections.abc import Mapping, Sequence
@@ -16,7 +18,7 @@ from typing import Any
 from p2pacs.web.recent import Failure
 from p2pacs.web.view import ago, duration, size, status_warnings
 
-__all__ = ["eta_seconds", "render_page"]
+__all__ = ["eta_seconds", "page_headers", "render_page"]
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:0 .8rem 2rem;color:#222;background:#fafafa}
@@ -55,6 +57,26 @@ async function tick() {
 }
 setTimeout(tick, every);
 """
+
+
+def _script(refresh: float) -> str:
+    return SCRIPT % int(refresh * 1000)
+
+
+def page_headers(refresh: float) -> dict[str, str]:
+    """Response headers of the page: nothing but its own inline script and style may run (a
+    value that slipped past escaping still could not), no framing, no caching."""
+    digest = hashlib.sha256(_script(refresh).encode()).digest()
+    script = "'sha256-" + base64.b64encode(digest).decode() + "'"
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src {script}; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+        ),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
 
 
 def _e(value: object) -> str:
@@ -206,5 +228,5 @@ def render_page(
         f"<title>{_e(status['site'])} - p2pacs</title><style>{STYLE}</style></head><body>"
         '<div id="stale" hidden></div><main id="main">'
         + "".join(body)
-        + f"</main><script>{SCRIPT % int(refresh * 1000)}</script></body></html>"
+        + f"</main><script>{_script(refresh)}</script></body></html>"
     )

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from p2pacs.events import EventBus
 from p2pacs.web.metrics import SiteMetrics
-from p2pacs.web.page import render_page
+from p2pacs.web.page import page_headers, render_page
 from p2pacs.web.recent import RecentFailures
 
 __all__ = ["StatusRoutes"]
@@ -49,9 +49,7 @@ class StatusRoutes:
         text = render_page(
             await self.snapshot(), failures=self.failures.latest(), refresh=self.refresh
         )
-        return web.Response(
-            text=text, content_type="text/html", headers={"Cache-Control": "no-store"}
-        )
+        return web.Response(text=text, content_type="text/html", headers=page_headers(self.refresh))
 
     async def status_json(self, request: web.Request) -> web.Response:
         return web.json_response(await self.snapshot(), headers={"Cache-Control": "no-store"})

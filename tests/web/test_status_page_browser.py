@@ -99,6 +99,11 @@ def test_page_shows_a_killed_site_down(
     )
     driver.get(url)  # type: ignore[attr-defined]
     assert driver.title == "clinic-a - p2pacs"  # type: ignore[attr-defined]
+    # the page's own script runs under its Content-Security-Policy: it marks the page live
+    assert wait_for(
+        lambda: driver.execute_script("return typeof tick") == "function",  # type: ignore[attr-defined]
+        10,
+    )
     assert wait_for(lambda: _states(driver) == {"clinic-b": "up", "clinic-c": "up"}, 30, 0.2), (
         _states(driver)
     )

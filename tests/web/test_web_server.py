@@ -102,6 +102,8 @@ async def test_https_only_and_the_certificate_is_checked(web_node: SiteNode) -> 
         ) as r:
             assert r.status == 200
             assert "text/html" in r.headers["Content-Type"]
+            assert "script-src 'sha256-" in r.headers["Content-Security-Policy"]
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
             page = await r.text()
     assert '<meta name="viewport"' in page and "standalone site" in page
     runfile = json.loads((web_node.site.path / RUNFILE).read_text())
