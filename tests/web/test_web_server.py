@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from p2pacs.cli import main
 from p2pacs.config import WebConfig
@@ -23,6 +24,7 @@ from p2pacs.events import Event, SecurityAlert
 from p2pacs.node import SiteNode
 from p2pacs.site import Site
 from p2pacs.web import WebServer
+from p2pacs.web.auth import PRINCIPAL
 
 from web_helpers import PASSWORD, TOKEN, USER, enable_web
 
@@ -202,3 +204,35 @@ def test_web_settings_from_the_command_line(
     assert main(["--site", folder, "web", "user", "remove", "alice"]) == 0
     assert main(["--site", folder, "web", "token", "remove", "prometheus"]) == 2  # the last one
     assert "web user or token" in capsys.readouterr().err
+
+
+async def test_more_route_sets_mount_behind_the_same_access_control(tmp_path: Path) -> None:
+    """How DICOMweb (or any later route set) joins: ``SiteNode.web_parts``, then ``add_app``
+    or ``add_routes`` before the server starts; never after."""
+    site = Site.init(tmp_path / "s")
+    site.config.dicom.port = 0
+    enable_web(site, token=TOKEN)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello {request[PRINCIPAL]}")
+
+    def mount(server: WebServer) -> None:
+        extra = web.Application()
+        extra.router.add_get("/hello", hello)
+        server.add_app("/extra", extra)
+        server.add_routes(lambda app: app.router.add_get("/also", hello))
+
+    node = SiteNode(site)
+    node.web_parts.append(mount)
+    async with node:
+        assert node.web is not None
+        url = node.web.url
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=_tls(node))) as s:
+            for path in ("/extra/hello", "/also"):
+                async with s.get(url + path) as r:
+                    assert r.status == 401
+                async with s.get(url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                    assert r.status == 200
+                    assert await r.text() == "hello token:prometheus"
+        with pytest.raises(WebError, match="before the web server starts"):
+            node.web.add_app("/late", web.Application())
