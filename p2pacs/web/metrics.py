@@ -120,6 +120,8 @@ class _DicomCounters:
                 self.requests.labels(service, cls)
         for kind in ALERT_KINDS:
             self.alerts.labels(kind)
+        self._open = 0
+        self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, DicomRequest):
@@ -138,11 +140,12 @@ class _DicomCounters:
                     if n:
                         self.subops.labels(service, result).inc(n)
         elif isinstance(event, AssociationEvent):
+            # an abort may end an association that never opened: never count below zero
+            with self._lock:
+                self._open = self._open + 1 if event.opened else max(0, self._open - 1)
+                self.open.set(self._open)
             if event.opened:
-                self.open.inc()
                 self.associations.inc()
-            else:
-                self.open.dec()
         elif isinstance(event, SecurityAlert):
             self.alerts.labels(event.kind if event.kind in ALERT_KINDS else "other").inc()
 

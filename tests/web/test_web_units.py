@@ -275,3 +275,17 @@ def test_parse_authorization() -> None:
     )
     assert isinstance(parse_authorization("Digest x"), Refusal)
     assert isinstance(parse_authorization("Bearer"), Refusal)
+
+
+def test_open_associations_never_below_zero() -> None:
+    from p2pacs.events import AssociationEvent
+
+    bus = EventBus()
+    metrics = SiteMetrics(bus)
+    bus.emit(AssociationEvent(False, "X", "10.0.0.1"))  # an abort before it was established
+    bus.emit(AssociationEvent(True, "X", "10.0.0.1"))
+    families = _families(metrics.render({}).decode())
+    assert families["p2pacs_dicom_associations_open"].samples[0].value == 1
+    bus.emit(AssociationEvent(False, "X", "10.0.0.1"))
+    families = _families(metrics.render({}).decode())
+    assert families["p2pacs_dicom_associations_open"].samples[0].value == 0
