@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from p2pacs.cli import main
+from p2pacs.cli.serve_cmds import ports_taken_message
 from p2pacs.config import WebConfig
 from p2pacs.control.client import RUNFILE
 from p2pacs.dicom.scu import store_files
@@ -172,6 +173,8 @@ async def test_plain_http_refused_off_loopback_and_taken_port(tmp_path: Path) ->
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         enable_web(site, port=taken.getsockname()[1])
+        message = ports_taken_message(site)  # what 'serve' says before it starts anything
+        assert message is not None and "config set web.port N" in message
         node = SiteNode(site)
         with pytest.raises(WebError, match=r"web\.port"):
             async with node:
