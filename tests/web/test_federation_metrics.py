@@ -88,3 +88,41 @@ def test_replication_shows_in_both_sites_metrics(pair: Testbed, web_instances: l
     assert page["running"] is cli["running"] is True
     assert set(page) == set(cli)
     assert page["federation"]["scrub"]["runs"] == cli["federation"]["scrub"]["runs"] == 1
+
+
+def test_page_follows_a_recovery(pair: Testbed, tmp_path: Path) -> None:
+    """A wiped site's page shows its recovery running (progress bar, studies, ETA), then done;
+    its metrics show the queue draining."""
+    from p2pacs.samples import generate_instances
+
+    a, b = pair["clinic-a"], pair["clinic-b"]
+    files = generate_instances(
+        tmp_path / "six", studies=6, series_per_study=1, instances_per_series=2,
+        rows=32, columns=32, seed=11,
+    )  # fmt: skip
+    assert not store_files(a.host, a.dicom_port, a.aet, files).failed
+    assert wait_for(lambda: b.status()["studies"] == 6, 60, 0.3), "not replicated to b"
+
+    def a_knows_b_holds_them() -> bool:  # b's signed record names a catalogue of all six
+        members = a.status()["federation"]["members"]
+        return [m["studies"] for m in members if m["name"] == "clinic-b"] == [6]
+
+    assert wait_for(a_knows_b_holds_them, 30, 0.3)
+    b.kill()
+    b.wipe()
+    # each study takes a second (three at once): the recovery lasts long enough to be seen
+    b.start(env={"P2PACS_FAILPOINTS": "recovery.study=delay:1.0"})
+
+    def running() -> bool:
+        page = _get(b, "/").decode()
+        return "<progress" in page and "of 6 studies" in page and "ETA" in page
+
+    assert wait_for(running, 30, 0.1), _get(b, "/").decode()
+    pending = ("p2pacs_recovery_pending_studies", ())
+    assert _scrape(b)[pending] > 0
+    assert wait_for(lambda: _scrape(b)[pending] == 0, 60, 0.3)
+    done = _scrape(b)
+    assert done[("p2pacs_recovery_studies_done", ())] == 6
+    assert done[("p2pacs_recovery_bytes_done", ())] == done[("p2pacs_recovery_bytes_planned", ())]
+    assert done[("p2pacs_archive_instances", ())] == 12
+    assert "6 of 6 studies" in _get(b, "/").decode()
