@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/p2pacs demo
 
 ## Install test dependencies (Python extras; Debian's dcmtk, orthanc, faketime, and rsync and
-## openssh-server for the benchmarks' baseline) and run lint, types and tests.
+## openssh-server for the benchmarks' baseline; prometheus, chromium and chromium-driver for the
+## web tests) and run lint, types and tests.
 test: $(TEST_STAMP) debs lint typecheck pytest
 
 debs:
@@ -34,6 +35,9 @@ debs:
 	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
 	[ -x /usr/bin/rsync ] || missing="$$missing rsync"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	[ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

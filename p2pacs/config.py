@@ -9,6 +9,7 @@ checks as loading it (``Config.get_key``, ``Config.set_key``, ``Config.check``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from p2pacs import const
+from p2pacs import const, credentials
 from p2pacs.errors import ConfigError
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DicomConfig",
     "FederationConfig",
     "StoreConfig",
+    "WebConfig",
     "parse_hostport",
     "parse_value",
 ]
@@ -34,6 +36,7 @@ PORT_SETTINGS = {  # the setting an operator changes when a listener's port is t
     "dicom": "dicom.port",
     "transfer": "federation.transfer_port",
     "dht": "federation.dht_port",
+    "web": "web.port",
 }
 
 CONFIG_NAME = "site.toml"
@@ -95,11 +98,80 @@ class FederationConfig:
     metadata_grace: float = 3600.0  # seconds superseded catalogue nodes and manifests are kept
 
 
+LOOPBACK_HOSTS = ("localhost", "::1")  # besides 127.0.0.0/8: where plain HTTP may listen
+
+
+@dataclass(slots=True)
+class WebConfig:
+    """The site's web server: status page, ``/status.json`` and ``/metrics`` (docs/security.md).
+
+    HTTPS with the given certificate; plain HTTP only when asked for and bound to loopback.
+    Every request needs a bearer token or a user's password (both stored hashed here, written
+    by ``p2pacs web token add`` / ``p2pacs web user add``)."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = const.DEFAULT_WEB_PORT  # 0: any free port (the one taken is in node.json)
+    tls_cert: str = ""  # PEM certificate chain (a path; relative to the site folder)
+    tls_key: str = ""  # its PEM private key
+    plain_http: bool = False  # no TLS: allowed only when bind is a loopback address
+    tokens: dict[str, str] = field(default_factory=dict)  # name -> "sha256$HEX" of the token
+    users: dict[str, str] = field(default_factory=dict)  # name -> "scrypt$N$r$p$SALT$HASH"
+    refresh: float = 5.0  # seconds between refreshes of the status page in the browser
+
+    def check(self) -> list[str]:
+        problems = []
+        if not 0 <= self.port < 65536:
+            problems.append(
+                f"web.port = {self.port} is not a port (1-65535, or 0 for any free one)"
+            )
+        if not self.refresh > 0:
+            problems.append(f"web.refresh = {self.refresh} must be more than 0 seconds")
+        for name, stored in self.users.items():
+            why = credentials.password_problem(stored) if isinstance(stored, str) else "not text"
+            if why:
+                problems.append(f"web.users.{name}: {why} (set it with 'p2pacs web user add')")
+        for name, stored in self.tokens.items():
+            why = credentials.token_problem(stored) if isinstance(stored, str) else "not text"
+            if why:
+                problems.append(f"web.tokens.{name}: {why} (make one with 'p2pacs web token add')")
+        if not self.enabled:
+            return problems
+        if not self.users and not self.tokens:
+            problems.append(
+                "web.enabled needs a web user or token first: 'p2pacs web user add NAME' or "
+                "'p2pacs web token add NAME'"
+            )
+        if self.plain_http:
+            if not is_loopback(self.bind):
+                problems.append(
+                    f"web.plain_http is allowed only on a loopback bind, not {self.bind!r}: "
+                    "give web.tls_cert and web.tls_key instead"
+                )
+        elif not (self.tls_cert and self.tls_key):
+            problems.append(
+                "web.enabled needs web.tls_cert and web.tls_key (PEM files) for HTTPS, or "
+                "web.plain_http = true with a loopback web.bind"
+            )
+        return problems
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface only."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(slots=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -117,8 +189,9 @@ class Config:
             store=_section(StoreConfig, raw, "store", path),
             dicom=_section(DicomConfig, raw, "dicom", path),
             federation=_section(FederationConfig, raw, "federation", path),
+            web=_section(WebConfig, raw, "web", path),
         )
-        unknown = sorted(set(raw) - {"store", "dicom", "federation"})
+        unknown = sorted(set(raw) - {"store", "dicom", "federation", "web"})
         if unknown:
             raise ConfigError(f"{path}: unknown table(s): {', '.join(unknown)}")
         problems = config.check()
@@ -181,6 +254,16 @@ class Config:
                 problems.append(f"{key} = {value} must be more than 0 seconds")
         if st.map_size < 1 << 20:
             problems.append(f"store.map_size = {st.map_size} must be at least 1 MiB (1048576)")
+        problems.extend(self.web.check())
+        if self.web.enabled and self.web.port:
+            for key, port in (
+                ("dicom.port", d.port),
+                ("federation.transfer_port", f.transfer_port),
+            ):
+                if port == self.web.port:
+                    problems.append(
+                        f"web.port and {key} are both {port}: give them different ports"
+                    )
         return problems
 
     # --- one setting at a time: 'p2pacs config get/set' ---------------------------------------
@@ -211,6 +294,7 @@ class Config:
             "store": StoreConfig,
             "dicom": DicomConfig,
             "federation": FederationConfig,
+            "web": WebConfig,
         }
         return [
             f"{name}.{f.name}" for name, kind in sections.items() for f in dataclasses.fields(kind)

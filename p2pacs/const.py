@@ -28,3 +28,4 @@ RETRIEVE_POLL_DELAY = 0.001
 RECORD_TTL = 48 * 3600.0  # seconds a DHT record lives unless republished (libp2p's 48 h)
 DHT_CAPACITY = 4 << 30  # bytes: ~3 M DHT records of ~1.3 KB held for the federation (sparse)
 STATUS_SCHEMA = 1  # "schema" of status's JSON: raised when a field changes meaning or goes
+DEFAULT_WEB_PORT = 11443  # HTTPS status page and /metrics (and later DICOMweb)

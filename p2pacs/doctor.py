@@ -92,6 +92,8 @@ def _listeners(site: Site) -> list[tuple[str, str, str, int, bool]]:
             ("transfer port", "transfer", fed.bind, fed.transfer_port, False),
             ("DHT port", "dht", fed.bind, fed.dht_port, True),
         ]
+    if cfg.web.enabled:
+        out.append(("web port", "web", cfg.web.bind, cfg.web.port, False))
     return out
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "TransferError",
+    "WebError",
 ]
 
 
@@ -98,3 +99,7 @@ class ReplicationError(P2PacsError):
 
 class RecoveryError(P2PacsError):
     """Whole-site recovery could not complete; run it again to resume."""
+
+
+class WebError(P2PacsError):
+    """The site's web server (status page, metrics) could not do what was asked."""

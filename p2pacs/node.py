@@ -8,10 +8,13 @@ cleanly on SIGTERM/SIGINT and a test can start a site in-process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,10 +32,11 @@ from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.healing.commitment import check_commitment
 from p2pacs.healing.recovery import Recovery
 from p2pacs.healing.repair import Healer
-from p2pacs.healing.scrub import repair_blob
+from p2pacs.healing.scrub import ScrubTotals, repair_blob
 from p2pacs.looplag import LoopLag
 from p2pacs.site import Site
 from p2pacs.store import hashed_bytes
+from p2pacs.web import StatusRoutes, WebServer
 
 __all__ = ["RUNFILE", "SiteNode"]
 
@@ -54,6 +58,12 @@ class SiteNode:
         self.recovery: Recovery | None = None
         self.started = time.time()
         self.loop_lag = LoopLag()
+        self.scrubs = ScrubTotals()
+        self.web: WebServer | None = None  # when [web] is enabled
+        self.web_status: StatusRoutes | None = None
+        # more route sets for the web server (e.g. DICOMweb): each is called with the server
+        # before it starts and mounts its routes with ``add_routes`` or ``add_app``
+        self.web_parts: list[Callable[[WebServer], None]] = []
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -77,10 +87,24 @@ class SiteNode:
         log.info("gateway listening on %s:%d as %s", host, port, self.site.config.dicom.ae_title)
         if enrolled:
             await self._start_federation()
+        if self.site.config.web.enabled:
+            await self._start_web(archive)
         archive.events.emit(
             Lifecycle("start", self.site.config.federation.name or self.site.path.name)
         )
         self._write_runfile()
+
+    async def _start_web(self, archive: Archive) -> None:
+        """The status page, /status.json and /metrics, and every route set in ``web_parts``."""
+        config = self.site.config.web
+        server = WebServer(config, archive.events, base=self.site.path)
+        self.web_status = status = StatusRoutes(self.status, archive.events, refresh=config.refresh)
+        server.add_routes(status.install)
+        for part in self.web_parts:
+            part(server)
+        await server.start()
+        self.web = server
+        log.info("status page and metrics at %s/", server.url)
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -107,6 +131,8 @@ class SiteNode:
         if fed is not None and fed.server is not None and fed.dht is not None:
             info["transfer"] = list(fed.server.address)
             info["dht"] = list(fed.dht.address)
+        if self.web is not None:
+            info["web"] = list(self.web.address)
         tmp = self.runfile.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         tmp.replace(self.runfile)
@@ -122,7 +148,7 @@ class SiteNode:
         fed.add_task(healer.run)
         fed.add_task(recovery.run)
         fed.repair = lambda h: repair_blob(fed, h)  # a blob found rotten while serving a peer
-        control = ControlPlane(fed, healer, recovery, self.status)
+        control = ControlPlane(fed, healer, recovery, self.status, self.scrubs)
         await fed.start(control.install)
         self.archive.repair_hook = self._repair_read
 
@@ -153,8 +179,8 @@ class SiteNode:
         """This site and the federation at a glance (``p2pacs status``)."""
         assert self.archive is not None
         archive = self.archive
-        (patients, studies, instances), (blobs, stored) = await asyncio.to_thread(
-            lambda: (archive.index.counts(), archive.blobs.totals())
+        (patients, studies, instances), (blobs, stored), storage = await asyncio.to_thread(
+            lambda: (archive.index.counts(), archive.blobs.totals(), self._storage(archive))
         )
         out: dict[str, Any] = {
             "schema": STATUS_SCHEMA,
@@ -171,6 +197,8 @@ class SiteNode:
             "bytes": stored,
             "hashed_bytes": hashed_bytes(),  # by this process since it started
             "loop_lag": self.loop_lag.snapshot(),  # how long the event loop was kept waiting
+            "web": list(self.web.address) if self.web is not None else None,
+            "storage": storage,
             "federation": None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
@@ -180,12 +208,30 @@ class SiteNode:
                 **healer.snapshot(),
                 "recovery_pending": recovery.pending,
                 "recovery": recovery.snapshot(),
+                "scrub": dataclasses.asdict(self.scrubs),
             }
         return out
+
+    def _storage(self, archive: Archive) -> dict[str, int]:
+        """The LMDB map and the disk under the site folder (cheap: two stat calls)."""
+        db = archive.db.stat()
+        disk = shutil.disk_usage(self.site.path)
+        return {
+            "map_size": db["map_size"],
+            "used_bytes": db["used_bytes"],
+            "disk_free": disk.free,
+            "disk_total": disk.total,
+        }
 
     async def stop(self) -> None:
         await self.loop_lag.stop()
         self.runfile.unlink(missing_ok=True)
+        if self.web is not None:  # first: its pages read every other part
+            await self.web.stop()
+            self.web = None
+        if self.web_status is not None:
+            self.web_status.close()
+            self.web_status = None
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None

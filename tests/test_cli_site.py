@@ -14,12 +14,12 @@ import pytest
 
 from p2pacs.cli import main
 from p2pacs.cli.common import console, err_console
-from p2pacs.cli.status_view import ago, member_rows, status_lines, status_warnings
 from p2pacs.config import Config
 from p2pacs.control.client import RUNFILE, node_address, read_runfile
 from p2pacs.federation.identity import create_federation_dir, enroll_site
 from p2pacs.site import Site, SiteLock, SiteRunningError, lock_held
 from p2pacs.testbed import free_port
+from p2pacs.web.view import ago, member_rows, status_lines, status_warnings
 
 
 @pytest.fixture(autouse=True)

@@ -8,26 +8,40 @@ import json
 import time
 from typing import Any
 
+from rich.console import Group, RenderableType
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
-from p2pacs.cli.status_view import (
+from p2pacs.control.client import connect, read_runfile
+from p2pacs.errors import P2PacsError
+from p2pacs.site import Site
+from p2pacs.web.view import (
     STATUS_SCHEMA,
     member_rows,
     size,
     status_lines,
     status_warnings,
 )
-from p2pacs.control.client import connect, read_runfile
-from p2pacs.errors import P2PacsError
-from p2pacs.site import Site
 
 __all__ = ["register"]
+
+WATCH_EVERY = 2.0  # seconds between refreshes of 'status --watch'
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("status", help="this site and the federation at a glance")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=WATCH_EVERY,
+        default=None,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {WATCH_EVERY:g}) until Ctrl-C",
+    )
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("peers", help="known member sites: up or down, last seen, addresses")
     p.set_defaults(func=cmd_peers)
@@ -69,8 +83,8 @@ def _own_transfer_address(site: Site) -> str | None:
     return f"{fed.host}:{fed.transfer_port}" if fed.enabled else None
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    site = open_site(args)
+def _gather(site: Site) -> dict[str, Any]:
+    """The status JSON: from the running node, else what the stopped site's folder holds."""
     running = read_runfile(site)
     try:
         status = asyncio.run(_status(site))
@@ -82,33 +96,69 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = {"schema": STATUS_SCHEMA, **status}
     if status["running"] and running is not None:
         status["pid"] = running["pid"]
+    return status
+
+
+def _render(site: Site, status: dict[str, Any]) -> Group:
+    now = time.time()
+    site_host = site.config.federation.host if site.config.federation.enabled else None
+    parts: list[RenderableType] = [
+        Text.from_markup(line) for line in status_lines(status, site_host, now)
+    ]
+    warnings = status_warnings(status, site.config.federation.bootstrap)
+    for warning in warnings:
+        parts.append(Text.from_markup("  [red]warning[/]: ") + Text(warning))
+    if warnings:
+        parts.append(Text("  run 'p2pacs doctor' for the checks behind these warnings"))
+    if status.get("federation"):
+        parts.append(_members_table(status, _own_transfer_address(site), now))
+    elif "error" in status:
+        parts.append(Text(f"  {status['error']}", style="dim"))
+    return Group(*parts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    site = open_site(args)
+    if args.watch is not None:
+        if args.json:
+            raise CommandError("--watch shows the human status; leave out --json", 2)
+        if not args.watch > 0:
+            raise CommandError(f"--watch {args.watch:g}: give a number of seconds above 0", 2)
+        return _watch(site, args.watch)
+    status = _gather(site)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0 if status["running"] else 1
-    now = time.time()
-    site_host = site.config.federation.host if site.config.federation.enabled else None
-    for line in status_lines(status, site_host, now):
-        console.print(line)
-    warnings = status_warnings(status, site.config.federation.bootstrap)
-    for warning in warnings:
-        console.print(f"  [red]warning[/]: {warning}")
-    if warnings:
-        console.print("  run 'p2pacs doctor' for the checks behind these warnings")
-    if status.get("federation"):
-        _members_table(status, _own_transfer_address(site), now)
-    elif "error" in status:
-        console.print(f"  [dim]{status['error']}[/]")
+    console.print(_render(site, status))
     return 0 if status["running"] else 1
 
 
-def _members_table(status: dict[str, Any], own_address: str | None, now: float) -> None:
+def _watch(site: Site, every: float) -> int:
+    """Redraw the status every ``every`` seconds in place until Ctrl-C (then exit 0)."""
+
+    def frame() -> Group:
+        status = _gather(site)
+        stamp = time.strftime("%H:%M:%S")
+        note = Text(f"every {every:g} s, Ctrl-C to stop; updated {stamp}", style="dim")
+        return Group(_render(site, status), note)
+
+    try:
+        with Live(frame(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _members_table(status: dict[str, Any], own_address: str | None, now: float) -> Table:
     table = Table(title="sites (this site and the members it knows)")
     for col in ("site", "state", "last seen", "address", "studies", "site id"):
         # addresses and ids are folded onto more lines, never cut
         table.add_column(col, overflow="fold", no_wrap=col in ("state", "studies"))
     for row in member_rows(status, own_address, now):
         table.add_row(*row)
-    console.print(table)
+    return table
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -116,7 +166,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     status = asyncio.run(_status(site))
     if not status.get("federation"):
         raise CommandError("this site is not enrolled in a federation", 1)
-    _members_table(status, _own_transfer_address(site), time.time())
+    console.print(_members_table(status, _own_transfer_address(site), time.time()))
     return 0
 
 

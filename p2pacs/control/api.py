@@ -21,7 +21,7 @@ from p2pacs.control.stream import Emit, stream
 from p2pacs.errors import RecoveryError
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.routes import caller
-from p2pacs.healing.scrub import scrub
+from p2pacs.healing.scrub import ScrubTotals, scrub
 
 __all__ = ["MAX_NOTIFY_STUDIES", "ControlPlane"]
 
@@ -37,11 +37,14 @@ class ControlPlane:
         healer: HealerPort,
         recovery: RecoveryPort,
         status: Callable[[], Awaitable[dict[str, Any]]],
+        scrubs: ScrubTotals | None = None,
     ):
+        """``scrubs``: where each scrub's findings are added up (``status``, metrics)."""
         self.fed = federation
         self.healer = healer
         self.recovery = recovery
         self._status = status
+        self.scrubs = scrubs if scrubs is not None else ScrubTotals()
 
     def install(self, app: web.Application) -> None:
         app.router.add_post("/v1/notify", self.notify)
@@ -159,6 +162,7 @@ class ControlPlane:
                 emit({"total": total, "checked": done})
 
             report = await scrub(fed.archive, fed, repair=repair, progress=step)
+            self.scrubs.add(report)
             return dataclasses.asdict(report)
 
         return await stream(request, run)

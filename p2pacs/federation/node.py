@@ -326,7 +326,19 @@ class FederationNode:
             },
             "dht": dict(self.dht.stats) if self.dht is not None else {},
             "instance_blobs_fetched": self.instance_blobs_fetched,
+            "transfer": self.transfer_bytes(),
         }
+
+    def transfer_bytes(self) -> dict[str, dict[str, int]]:
+        """Blob bytes fetched from (``received``) and served to (``sent``) each member, by site
+        name since this process started (a caller not in the member table yet: its id)."""
+        received = dict(self.client.received) if self.client is not None else {}
+        sent: dict[str, int] = {}
+        for site_id, n in (self.server.sent if self.server is not None else {}).items():
+            member = self.members.get(site_id)
+            name = member.name if member is not None else site_id.hex()[:16]
+            sent[name] = sent.get(name, 0) + n
+        return {"received": received, "sent": sent}
 
     def _routes(self, app: web.Application, more: Callable[[web.Application], None] | None) -> None:
         install_peer_routes(self, app)

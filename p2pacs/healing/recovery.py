@@ -289,6 +289,7 @@ class Recovery:
             "baseline": self.baseline.evidence.value if self.baseline else None,
             "error": self.error,
             "full": self.full,
+            "started": p.started,
         }
 
     def settled(self) -> bool:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 PULL_WORKERS = 2  # studies pulled at once; each pull fetches its blobs in parallel
 FULL_PAUSE = 60.0  # seconds a pull worker rests after the archive was found full
 PASS_BATCH = 5_000  # studies looked at per step of a pass (one read snapshot, one plan)
+RECENT_PULLS = 10  # repair pulls kept for status (``recent_repairs``)
 
 
 @dataclass(slots=True)
@@ -49,6 +51,11 @@ class HealerStats:
     last_repair: float = 0.0
     full: str = ""  # why pulls are paused: the archive is full
     errors: list[str] = field(default_factory=list)
+    # the last pulls, newest last: {"time", "study", "ok", "detail"} (for the status page)
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_PULLS))
+
+    def pulled(self, study_uid: str, ok: bool, detail: str) -> None:
+        self.recent.append({"time": time.time(), "study": study_uid, "ok": ok, "detail": detail})
 
 
 class Healer:
@@ -83,6 +90,8 @@ class Healer:
             "pulls_done": s.pulls_done,
             "pulls_failed": s.pulls_failed,
             "repair_paused": s.full,
+            "repair_queue": len(self._queued),
+            "recent_repairs": list(reversed(s.recent)),
         }
 
     def request(self, study_uid: str) -> bool:
@@ -231,13 +240,16 @@ class Healer:
                     self.stats.full = ""
                     self.stats.pulls_done += 1
                     self.stats.last_repair = time.time()
+                    self.stats.pulled(uid, True, f"{result.instances} instances")
                     log.info("replicated study %s: %d instances", uid, result.instances)
                 else:
                     self.stats.pulls_failed += 1
+                    self.stats.pulled(uid, False, f"{len(result.failed)} blobs not fetched")
                     log.warning("study %s: %d blobs not fetched", uid, len(result.failed))
             except StoreFullError as exc:
                 self.stats.pulls_failed += 1
                 self.stats.full = str(exc)
+                self.stats.pulled(uid, False, "the archive is full")
                 log.error(
                     "repair paused for %.0f s: the archive is full (%s); what is stored is "
                     "still served", FULL_PAUSE, exc,
@@ -245,9 +257,11 @@ class Healer:
                 await asyncio.sleep(FULL_PAUSE)  # this worker only; the next pass asks again
             except P2PacsError as exc:
                 self.stats.pulls_failed += 1
+                self.stats.pulled(uid, False, str(exc)[:200])
                 log.info("pull of %s failed: %s", uid, exc)
-            except Exception:  # a worker outlives any one study's failure
+            except Exception as exc:  # a worker outlives any one study's failure
                 self.stats.pulls_failed += 1
+                self.stats.pulled(uid, False, f"internal error: {type(exc).__name__}")
                 log.exception("pull of %s failed", uid)
             finally:
                 self._queued.discard(uid)

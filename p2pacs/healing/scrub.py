@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from p2pacs.archive import Archive
 from p2pacs.errors import P2PacsError
 from p2pacs.federation.node import FederationNode
 
-__all__ = ["ScrubReport", "repair_blob", "scrub"]
+__all__ = ["ScrubReport", "ScrubTotals", "repair_blob", "scrub"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,26 @@ class ScrubReport:
     corrupt: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     unrepaired: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ScrubTotals:
+    """What the scrubs run by this process found, in all (``status``: ``federation.scrub``)."""
+
+    runs: int = 0
+    checked: int = 0
+    corrupt: int = 0
+    repaired: int = 0
+    unrepaired: int = 0
+    last_run: float | None = None  # Unix time the last scrub ended
+
+    def add(self, report: ScrubReport) -> None:
+        self.runs += 1
+        self.checked += report.checked
+        self.corrupt += len(report.corrupt)
+        self.repaired += len(report.repaired)
+        self.unrepaired += len(report.unrepaired)
+        self.last_run = time.time()
 
 
 async def repair_blob(node: FederationNode, h: str) -> bool:

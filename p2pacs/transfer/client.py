@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,6 +117,7 @@ class PeerClient:
         self.connections_per_peer = connections_per_peer
         self._session: aiohttp.ClientSession | None = None
         self.bad_peers: dict[str, int] = {}
+        self.received: Counter[str] = Counter()  # blob bytes received, by peer site name
         self._unreachable: dict[str, float] = {}  # peer url -> monotonic time it last failed
         self._put_pool: ThreadPoolExecutor | None = None
 
@@ -192,6 +193,7 @@ class PeerClient:
                 if resp.status not in (200, 206):
                     raise TransferError(f"{peer.name} answered {resp.status} for blob {h[:16]}")
                 async for piece in resp.content.iter_chunked(1 << 20):
+                    self.received[peer.name] += len(piece)
                     yield piece
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerUnavailableError(f"{peer.name} failed while sending {h[:16]}: {exc}") from exc
@@ -525,6 +527,7 @@ class PeerClient:
                     if size > SMALL_BLOB:
                         raise TransferError(f"{peer.name} sent a {size}-byte blob in a batch")
                     data = await resp.content.readexactly(size)
+                    self.received[peer.name] += size
                     queued = asyncio.wrap_future(self._verify_then_store(peer.name, h, data, store))
                     stores.append((h, size, queued))
                     unsettled += size

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import re
 import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import blake3
@@ -84,6 +85,7 @@ class TransferServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.stats = {"served": 0, "bytes": 0, "corrupt": 0, "batches": 0}
+        self.sent: Counter[bytes] = Counter()  # blob bytes served, by caller site_id (members)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -235,4 +237,5 @@ class TransferServer:
             return False
         self.stats["served"] += 1
         self.stats["bytes"] += sent
+        self.sent[request.get(PEER_SITE_ID) or b""] += sent
         return True

@@ -1,4 +1,5 @@
-"""``p2pacs status`` for people: the JSON's own field names, human times, whole addresses.
+"""Status for people, in the terminal (``p2pacs status``) and the browser: the JSON's own field
+names, human times, whole addresses.
 
 Pure functions from the status JSON (schema ``STATUS_SCHEMA``, documented field by field in
 docs/operations.md) to lines and table rows, so the human and the JSON output say the same
