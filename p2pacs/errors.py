@@ -8,6 +8,7 @@ so callers only ever catch ``P2PacsError``.
 from __future__ import annotations
 
 __all__ = [
+    "AuditError",
     "BlobNotFoundError",
     "ConfigError",
     "CorruptBlobError",
@@ -98,3 +99,7 @@ class ReplicationError(P2PacsError):
 
 class RecoveryError(P2PacsError):
     """Whole-site recovery could not complete; run it again to resume."""
+
+
+class AuditError(P2PacsError):
+    """The audit trail cannot be set up (log directory, repository address, CA file)."""

@@ -25,6 +25,9 @@ __all__ = [
     "Lifecycle",
     "PeerTransfer",
     "SecurityAlert",
+    "TransferBegun",
+    "UserAuthentication",
+    "alert_limiter",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,29 @@ class SecurityAlert:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferBegun:
+    """A C-MOVE or C-GET starts sending instances (PS3.15 A.5.3.3 Begin Transferring)."""
+
+    service: str  # "C-MOVE" or "C-GET"
+    calling_ae: str
+    address: str  # the requestor's host
+    destination: str = ""  # C-MOVE: the move destination AE title
+    level: str = ""
+    study_uids: tuple[str, ...] = ()
+    patient_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UserAuthentication:
+    """A person logged in (or failed to) at the web interface (PS3.15 A.5.3.13)."""
+
+    user: str
+    address: str  # the client's host
+    success: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Lifecycle:
     """The site started or stopped."""
 
@@ -91,7 +117,15 @@ class Lifecycle:
     site: str
 
 
-Event = DicomRequest | AssociationEvent | PeerTransfer | SecurityAlert | Lifecycle
+Event = (
+    DicomRequest
+    | AssociationEvent
+    | PeerTransfer
+    | SecurityAlert
+    | Lifecycle
+    | TransferBegun
+    | UserAuthentication
+)
 Observer = Callable[[Event], None]
 
 
@@ -124,3 +158,34 @@ class EventBus:
                 if now - self._last_error.get(key, 0.0) >= ERROR_LOG_INTERVAL:
                     self._last_error[key] = now
                     log.exception("event observer %r failed", observer)
+
+
+ALERT_INTERVAL = 60.0  # seconds between two alerts of one kind about one peer (a flood of bad
+# datagrams must not flood the audit trail; the next alert counts what was held back)
+
+
+def alert_limiter(
+    bus: EventBus, kind: str, *, interval: float = ALERT_INTERVAL
+) -> Callable[[str, str], None]:
+    """A ``(peer, detail)`` callback emitting ``SecurityAlert(kind, ...)`` at most once per
+    ``interval`` per peer; the alerts held back meanwhile are counted into the next one.
+    For emitters a peer can trigger at will (datagrams with a bad MAC)."""
+    lock = threading.Lock()
+    last: dict[str, float] = {}
+    held: dict[str, int] = {}
+
+    def alert(peer: str, detail: str) -> None:
+        now = time.monotonic()
+        with lock:
+            if now - last.get(peer, -interval) < interval:
+                held[peer] = held.get(peer, 0) + 1
+                return
+            if len(last) > 4096:  # forget quiet peers; bounded memory against spoofed sources
+                last.clear()
+            last[peer] = now
+            more = held.pop(peer, 0)
+        if more:
+            detail = f"{detail} ({more} more since the last alert)"
+        bus.emit(SecurityAlert(kind, peer, detail))
+
+    return alert

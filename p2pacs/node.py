@@ -11,19 +11,25 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import time
+from collections import Counter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography import x509
+
 from p2pacs import __version__
 from p2pacs.archive import Archive
+from p2pacs.audit import AuditTrail, Local, StudyInfo, TrailSettings
 from p2pacs.const import STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.events import Lifecycle
 from p2pacs.federation.continuity import settle_at_start
+from p2pacs.federation.identity import CA_CERT, SITE_CERT, SITE_KEY
 from p2pacs.federation.node import FederationNode
 from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.healing.commitment import check_commitment
@@ -36,6 +42,9 @@ from p2pacs.store import hashed_bytes
 __all__ = ["RUNFILE", "SiteNode"]
 
 log = logging.getLogger(__name__)
+
+AUDIT_DIR = "audit"  # the local audit log, in the site directory unless audit.log_dir says
+AUDIT_STOP_TIMEOUT = 5.0  # seconds a stopping site gives the audit repositories to catch up
 
 
 class SiteNode:
@@ -51,6 +60,7 @@ class SiteNode:
         self.federation: FederationNode | None = None  # when enrolled
         self.healer: Healer | None = None
         self.recovery: Recovery | None = None
+        self.audit: AuditTrail | None = None
         self.started = time.time()
 
     @property
@@ -61,6 +71,8 @@ class SiteNode:
     async def start(self) -> None:
         self.archive = archive = self.site.archive()
         enrolled = self.site.config.federation.enabled
+        if self.site.config.audit.enabled:  # before any DICOM work, so all of it is audited
+            self._start_audit(archive)
         if enrolled:  # before the gateway takes a C-STORE: a wiped archive is awaiting from now
             self._settle_baseline(archive)
         self.gateway = Gateway(
@@ -78,6 +90,48 @@ class SiteNode:
             Lifecycle("start", self.site.config.federation.name or self.site.path.name)
         )
         self._write_runfile()
+
+    def _start_audit(self, archive: Archive) -> None:
+        cfg, fed = self.site.config.audit, self.site.config.federation
+        ident = self.site.identity_path
+        settings = TrailSettings(
+            log_dir=Path(cfg.log_dir) if cfg.log_dir else self.site.path / AUDIT_DIR,
+            max_bytes=cfg.log_max_bytes,
+            keep=cfg.log_keep,
+            repositories=tuple(cfg.repositories),
+            ca_file=Path(cfg.ca_file) if cfg.ca_file else None,
+            client_cert=(ident / SITE_CERT, ident / SITE_KEY) if cfg.client_cert else None,
+        )
+        name = fed.name or self.site.path.name
+        local = Local(
+            site=name,
+            ae_title=self.site.config.dicom.ae_title,
+            host=fed.host if fed.enabled else socket.gethostname(),
+            enterprise=self._federation_name() if fed.enabled else "",
+        )
+        self.audit = AuditTrail(settings, local, self._study_info)
+        self.audit.start()
+        archive.events.subscribe(self.audit.observe)
+
+    def _federation_name(self) -> str:
+        """The federation's name (its CA's common name), for AuditEnterpriseSiteID."""
+        try:
+            ca = x509.load_pem_x509_certificate((self.site.identity_path / CA_CERT).read_bytes())
+            names = ca.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            return str(names[0].value) if names else ""
+        except (OSError, ValueError):
+            return ""
+
+    def _study_info(self, study_uid: str) -> StudyInfo | None:
+        """The audit thread's view of a study held here: its patient, instances per class."""
+        archive = self.archive
+        if archive is None:
+            return None
+        record = archive.index.study(study_uid)
+        if record is None:
+            return None
+        classes = Counter(i.sop_class_uid for i in archive.index.study_instances(study_uid))
+        return StudyInfo(str(record.attrs.get("PatientID", "")), tuple(sorted(classes.items())))
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -193,6 +247,9 @@ class SiteNode:
         if self.archive is not None:
             name = self.site.config.federation.name or self.site.path.name
             self.archive.events.emit(Lifecycle("stop", name))
+            if self.audit is not None:
+                self.audit.stop(AUDIT_STOP_TIMEOUT)
+                self.audit = None
             self.archive.close()
             self.archive = None
 
