@@ -34,6 +34,8 @@ debs:
 	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
 	[ -x /usr/bin/rsync ] || missing="$$missing rsync"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
+	dpkg -s rsyslog-openssl >/dev/null 2>&1 || missing="$$missing rsyslog-openssl"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -28,6 +28,7 @@ __all__ = [
     "TransferBegun",
     "UserAuthentication",
     "alert_limiter",
+    "bad_mac_alerts",
 ]
 
 log = logging.getLogger(__name__)
@@ -189,3 +190,16 @@ def alert_limiter(
         bus.emit(SecurityAlert(kind, peer, detail))
 
     return alert
+
+
+def bad_mac_alerts(bus: EventBus) -> Callable[[str, tuple[str, int]], None]:
+    """A DHT ``on_drop`` observer: datagrams failing their MAC come from outside the federation
+    (another federation's secret, or none): one ``SecurityAlert("bad-mac")`` per sender and
+    minute. Other drops (stale, replayed, rate-limited) are counted by the DHT, not alerted."""
+    alert = alert_limiter(bus, "bad-mac")
+
+    def dropped(reason: str, addr: tuple[str, int]) -> None:
+        if reason == "dropped_bad_mac":
+            alert(f"{addr[0]}:{addr[1]}", "DHT datagram dropped: bad MAC (not a federation member)")
+
+    return dropped

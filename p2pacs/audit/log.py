@@ -6,7 +6,7 @@ replayed to any syslog receiver as it is. A record is appended and fsync'd befor
 sent; each repository has a cursor (segment, byte offset) saved atomically after every
 delivery, so what was queued while a repository was down is sent when it returns, and a
 restart resumes where the last delivery ended. A torn record at the end of the newest segment
-(a crash mid-write) is cut off when the log is opened. Used from one thread only.
+(a crash mid-write) is cut off when the log is opened. One thread appends; any may read.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ class AuditLog:
             directory.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         except OSError as exc:
             raise AuditError(f"cannot create the audit log directory {directory}: {exc}") from exc
+        self._lock = threading.Lock()  # current and size: written by one thread, read by all
         segments = self.segments()
         self.current = segments[-1] if segments else 1
         self._fd = self._open(self.current)
@@ -113,28 +115,36 @@ class AuditLog:
             os.fsync(self._fd)
         except OSError as exc:
             raise AuditError(f"cannot write the audit log: {exc}") from exc
-        self.size += len(data)
+        with self._lock:
+            self.size += len(data)
 
     def _rotate(self) -> None:
         os.close(self._fd)
-        self.current += 1
-        self._fd = self._open(self.current)
-        self.size = 0
+        fd = self._open(self.current + 1)
+        with self._lock:
+            self._fd = fd
+            self.current += 1
+            self.size = 0
 
     def end(self) -> Cursor:
-        return Cursor(self.current, self.size)
+        """Where the next record will go (any thread)."""
+        with self._lock:
+            return Cursor(self.current, self.size)
 
     def read_from(self, cursor: Cursor, limit: int) -> Iterator[tuple[Cursor, bytes]]:
-        """Records after ``cursor`` (at most ``limit``), each with the cursor after it."""
+        """Records after ``cursor`` (at most ``limit``), each with the cursor after it, up to
+        the end as it is now. Safe beside ``append`` in another thread: it reads only what was
+        written and fsync'd before it started."""
+        stop = self.end()
         sent = 0
         segment, offset = cursor.segment, cursor.offset
-        while sent < limit and (segment, offset) < (self.current, self.size):
-            if segment != self.current and not self.path(segment).exists():
+        while sent < limit and (segment, offset) < (stop.segment, stop.offset):
+            if segment != stop.segment and not self.path(segment).exists():
                 segment, offset = segment + 1, 0  # removed by the operator: nothing to send
                 continue
             with self.path(segment).open("rb") as f:
                 f.seek(offset)
-                end = self.size if segment == self.current else None
+                end = stop.offset if segment == stop.segment else None
                 data = f.read(READ_CHUNK if end is None else min(READ_CHUNK, end - offset))
             pos = 0
             for after, record in read_frames(data, lines=True):
@@ -144,7 +154,7 @@ class AuditLog:
                 if sent >= limit:
                     return
             if pos == 0:  # nothing more in this segment
-                if segment == self.current:
+                if segment == stop.segment:
                     return
                 segment, offset = segment + 1, 0
             else:

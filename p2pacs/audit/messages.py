@@ -245,7 +245,9 @@ class _Message:
         for elem in self.root.iter():  # values from the network: keep them well-formed XML
             for key, value in elem.attrib.items():
                 elem.attrib[key] = _printable(value)
-        data: bytes = ET.tostring(self.root, encoding="utf-8", xml_declaration=True)
+        # no XML declaration: UTF-8 is XML's default, and the declaration's line feed would be
+        # escaped by receivers that escape control characters (rsyslog: "#012")
+        data: bytes = ET.tostring(self.root, encoding="utf-8", xml_declaration=False)
         return data
 
 

@@ -18,6 +18,7 @@ from pydicom.filewriter import write_dataset
 
 from p2pacs.audit import messages as m
 from p2pacs.events import (
+    AssociationEvent,
     DicomRequest,
     Event,
     Lifecycle,
@@ -27,7 +28,7 @@ from p2pacs.events import (
     UserAuthentication,
 )
 
-__all__ = ["Local", "StudyInfo", "StudyLookup", "query_dataset", "translate"]
+__all__ = ["Local", "StudyInfo", "StudyLookup", "audited", "query_dataset", "translate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,19 @@ def _studies(
         else:
             studies.append(m.Study(uid))
     return studies, patients
+
+
+AUDITED_SERVICES = ("C-STORE", "C-FIND", "C-MOVE", "C-GET")
+
+
+def audited(event: Event) -> bool:
+    """Whether ``translate`` makes a message of it: the cheap test the bus observer does
+    before queueing, so associations and blobs served never take the queue's room."""
+    if isinstance(event, DicomRequest):
+        return event.service in AUDITED_SERVICES
+    if isinstance(event, PeerTransfer):
+        return event.direction == "in" and bool(event.study_uid)
+    return not isinstance(event, AssociationEvent)
 
 
 def translate(

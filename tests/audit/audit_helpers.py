@@ -10,8 +10,15 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import ipaddress
+import json
+import socket
+import subprocess
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 CODED = ("csd-code", "codeSystemName", "originalText")
 ACTIONS = {"C", "R", "U", "D", "E"}
@@ -177,3 +184,157 @@ def role(msg: Message, code: str) -> dict[str, str]:
 
 def objects(msg: Message, id_type: str) -> list[dict[str, object]]:
     return [o for o in msg.objects if o["id_type"] == id_type]
+
+
+# --- a real syslog receiver: Debian's rsyslog with its TLS input (imtcp + ossl) ----------------
+
+RSYSLOGD = "/usr/sbin/rsyslogd"
+READY_TIMEOUT = 20.0  # seconds for rsyslogd to listen
+
+
+def make_ca_and_server_cert(folder: Path, cn: str = "audit-repository") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{cn} CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+CONFIG = """\
+global(
+  workDirectory="{work}"
+  maxMessageSize="256k"
+  defaultNetstreamDriver="ossl"
+  defaultNetstreamDriverCAFile="{ca}"
+  defaultNetstreamDriverCertFile="{cert}"
+  defaultNetstreamDriverKeyFile="{key}"
+)
+module(load="imtcp" streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon")
+module(load="imudp")
+template(name="audit" type="list" option.json="on") {{
+  constant(value="{{\\"pri\\":\\"") property(name="pri")
+  constant(value="\\",\\"app\\":\\"") property(name="app-name")
+  constant(value="\\",\\"msgid\\":\\"") property(name="msgid")
+  constant(value="\\",\\"sd\\":\\"") property(name="structured-data")
+  constant(value="\\",\\"procid\\":\\"") property(name="procid")
+  constant(value="\\",\\"input\\":\\"") property(name="inputname")
+  constant(value="\\",\\"msg\\":\\"") property(name="msg")
+  constant(value="\\"}}\\n")
+}}
+ruleset(name="audit") {{
+  action(type="omfile" file="{out}" template="audit" flushOnTXEnd="on" asyncWriting="off")
+}}
+input(type="imtcp" address="127.0.0.1" port="{tls_port}" ruleset="audit")
+input(type="imudp" address="127.0.0.1" port="{udp_port}" ruleset="audit")
+"""
+
+
+class Rsyslog:
+    """rsyslogd as a process of the test: its own config, pid file and work directory, a TLS
+    listener (RFC 5425) and a UDP one (RFC 5426) on loopback, each message written to a file
+    as one JSON line with the fields rsyslog parsed out of it."""
+
+    def __init__(self, folder: Path, tls_port: int, udp_port: int):
+        self.dir = folder
+        self.tls_port, self.udp_port = tls_port, udp_port
+        self.ca, self.cert, self.key = make_ca_and_server_cert(folder / "pki")
+        self.out = folder / "received.jsonl"
+        self.proc: subprocess.Popen[bytes] | None = None
+        (folder / "work").mkdir(parents=True, exist_ok=True)
+        self.conf = folder / "rsyslog.conf"
+        self.conf.write_text(
+            CONFIG.format(
+                work=folder / "work",
+                ca=self.ca,
+                cert=self.cert,
+                key=self.key,
+                out=self.out,
+                tls_port=tls_port,
+                udp_port=udp_port,
+            )
+        )
+
+    def start(self) -> None:
+        pidfile = self.dir / "rsyslogd.pid"
+        pidfile.unlink(missing_ok=True)
+        log = (self.dir / "rsyslogd.log").open("ab")
+        self.proc = subprocess.Popen(
+            [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(pidfile)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rsyslogd exited: {(self.dir / 'rsyslogd.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.tls_port), 0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)  # polling a port until it listens: no event to wait on
+        raise RuntimeError("rsyslogd did not listen in time")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def received(self) -> list[dict[str, str]]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def wait_for(
+        self, check: Callable[[list[dict[str, str]]], bool], timeout: float = 60.0
+    ) -> list[dict[str, str]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.received()
+            if check(got) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)  # the receiver writes a file: poll it, bounded
+
+
+def xml_of(record: dict[str, str]) -> bytes:
+    """The audit message of a received record (rsyslog keeps the BOM at the start of MSG)."""
+    return record["msg"].encode().removeprefix(b"\xef\xbb\xbf")
