@@ -100,7 +100,7 @@ class AuditConfig:
     """The IHE ATNA audit trail (docs/operations.md, "Audit trail")."""
 
     enabled: bool = True  # write DICOM audit messages to the local log (and repositories)
-    log_dir: str = ""  # the local audit log; empty: SITE_DIR/audit
+    log_dir: str = ""  # the local audit log; empty: SITE_DIR/audit (relative: in SITE_DIR)
     log_max_bytes: int = 16 << 20  # bytes per log segment before the next one is started
     log_keep: int = 0  # delivered segments kept besides the current one; 0: keep all
     repositories: list[str] = field(default_factory=list)  # "tls://host:port", "udp://host:port"

@@ -95,11 +95,11 @@ class SiteNode:
         cfg, fed = self.site.config.audit, self.site.config.federation
         ident = self.site.identity_path
         settings = TrailSettings(
-            log_dir=Path(cfg.log_dir) if cfg.log_dir else self.site.path / AUDIT_DIR,
+            log_dir=self.site.path / (cfg.log_dir or AUDIT_DIR),  # an absolute path stays so
             max_bytes=cfg.log_max_bytes,
             keep=cfg.log_keep,
             repositories=tuple(cfg.repositories),
-            ca_file=Path(cfg.ca_file) if cfg.ca_file else None,
+            ca_file=self.site.path / cfg.ca_file if cfg.ca_file else None,
             client_cert=(ident / SITE_CERT, ident / SITE_KEY) if cfg.client_cert else None,
         )
         name = fed.name or self.site.path.name
