@@ -43,6 +43,7 @@ MAX_FRAME = 1 << 20  # bytes: a frame larger than this in a log or stream is cor
 UDP_MAX = 65507  # bytes of payload in one IPv4 UDP datagram (RFC 5426 3.2)
 CONNECT_TIMEOUT = 5.0  # seconds to connect and complete the TLS handshake
 SEND_TIMEOUT = 10.0  # seconds a blocked repository may hold one write
+CLOSE_TIMEOUT = 2.0  # seconds for the repository to answer our close_notify
 
 
 def frame(message: bytes, *, at: float, hostname: str, procid: str) -> bytes:
@@ -198,22 +199,37 @@ class TlsSender:
             raise
 
     def close(self) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
+        """Close cleanly (TLS close_notify, then FIN) after reading what the repository sent,
+        so the connection is never reset with records the repository has not read yet."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if _still_open(sock):
+                sock.settimeout(CLOSE_TIMEOUT)
+                sock.unwrap().close()
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def _still_open(sock: ssl.SSLSocket) -> bool:
-    """A syslog receiver never writes to us: if the socket is readable, the other end has
-    closed it (or is closing it), and a write now would vanish unseen."""
-    if sock.pending():
-        return False
+    """Whether the repository still holds the connection open. A syslog receiver never sends
+    application data; what it does send (TLS 1.3 session tickets) is read here, so it never
+    lingers unread: closing a socket with unread input resets the connection, and the receiver
+    may then throw away records it had not read yet. End of stream, or an error: closed."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        while select.select([sock], [], [], 0)[0] or sock.pending():
+            sock.setblocking(False)
+            try:
+                if sock.recv(65536) == b"":
+                    return False
+            finally:
+                sock.settimeout(SEND_TIMEOUT)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return True  # only TLS housekeeping was waiting
     except (OSError, ValueError):
         return False
-    return not readable
+    return True
 
 
 class UdpSender:
