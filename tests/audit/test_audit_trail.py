@@ -19,6 +19,7 @@ from p2pacs.events import Lifecycle, SecurityAlert
 from audit_helpers import Rsyslog, parse, xml_of
 
 LOCAL = Local("lab", "P2PACS", "127.0.0.1")
+N_MANY = 2000  # records: ten deliveries of SEND_BATCH on one connection
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -94,3 +95,29 @@ def test_audit_settings_are_checked(tmp_path: Path) -> None:
         Config.load(path)
     with pytest.raises(AuditError, match="tls://host:port"):
         AuditTrail(TrailSettings(tmp_path, 1 << 20, repositories=("ftp://x:1",)), LOCAL)
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/rsyslogd").exists(), reason="needs rsyslog: make debs")
+def test_many_sends_on_one_connection_lose_nothing(tmp_path: Path) -> None:
+    """Many small deliveries over one TLS 1.3 connection, then a stop: every record arrives
+    (regression: an unread session ticket once made each reconnect reset the connection, and
+    rsyslog dropped what it had not read)."""
+    rs = Rsyslog(tmp_path / "rsyslog", free_port(), free_port(socket.SOCK_DGRAM))
+    settings = TrailSettings(
+        tmp_path / "audit", 1 << 20, repositories=(f"tls://127.0.0.1:{rs.tls_port}",),
+        ca_file=rs.ca,
+    )  # fmt: skip
+    trail = AuditTrail(settings, LOCAL)
+    rs.start()
+    try:
+        trail.start()
+        for i in range(N_MANY):  # sent in batches of SEND_BATCH, back to back
+            trail.observe(SecurityAlert("bad-mac", f"10.0.{i // 250}.{i % 250}:4000", "test"))
+        assert trail.flush(30)
+        trail.stop(10)
+        got = rs.wait_for(lambda g: len(g) >= N_MANY, 30)
+    finally:
+        trail.stop()
+        rs.stop()
+    peers = [parse(xml_of(r)).participants[1]["UserID"] for r in got]
+    assert peers == [f"10.0.{i // 250}.{i % 250}:4000" for i in range(N_MANY)]
