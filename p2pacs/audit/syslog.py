@@ -13,6 +13,7 @@ import datetime as dt
 import select
 import socket
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ UDP_MAX = 65507  # bytes of payload in one IPv4 UDP datagram (RFC 5426 3.2)
 CONNECT_TIMEOUT = 5.0  # seconds to connect and complete the TLS handshake
 SEND_TIMEOUT = 10.0  # seconds a blocked repository may hold one write
 CLOSE_TIMEOUT = 2.0  # seconds for the repository to answer our close_notify
+ACCEPT_TIMEOUT = 2.0  # seconds to wait for a TLS 1.3 repository's verdict on our certificate
 
 
 def frame(message: bytes, *, at: float, hostname: str, procid: str) -> bytes:
@@ -185,6 +187,11 @@ class TlsSender:
         except BaseException:
             raw.close()
             raise
+        try:
+            _accepted(sock)
+        except BaseException:
+            sock.close()
+            raise
         sock.settimeout(SEND_TIMEOUT)
         self._sock = sock
         return sock
@@ -210,6 +217,28 @@ class TlsSender:
                 sock.unwrap().close()
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def _accepted(sock: ssl.SSLSocket) -> None:
+    """Wait until the repository has accepted us. In TLS 1.3 the client's handshake ends before
+    the server has checked the client's certificate: a refused client learns it only from the
+    alert that follows, and whatever it wrote meanwhile is lost. An OpenSSL server sends its
+    session tickets once it has accepted the client, so wait for a ticket (or the alert);
+    a server that sends none gets ``ACCEPT_TIMEOUT``. ``OSError`` if refused."""
+    if sock.version() != "TLSv1.3":
+        return  # TLS 1.2: the handshake itself carried the server's verdict
+    deadline = time.monotonic() + ACCEPT_TIMEOUT
+    sock.settimeout(0.05)
+    while time.monotonic() < deadline:
+        session = sock.session
+        if session is not None and session.has_ticket:
+            return
+        try:
+            if sock.recv(1) == b"":
+                raise ConnectionError("the repository closed the connection after the handshake")
+            return  # application data from a syslog receiver: unexpected, but not a refusal
+        except (TimeoutError, ssl.SSLWantReadError):
+            continue
 
 
 def _still_open(sock: ssl.SSLSocket) -> bool:

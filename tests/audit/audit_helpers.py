@@ -245,7 +245,7 @@ global(
   defaultNetstreamDriverCertFile="{cert}"
   defaultNetstreamDriverKeyFile="{key}"
 )
-module(load="imtcp" streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="anon")
+module(load="imtcp" streamDriver.name="ossl" streamDriver.mode="1" streamDriver.authMode="{auth}")
 module(load="imudp")
 template(name="audit" type="list" option.json="on") {{
   constant(value="{{\\"pri\\":\\"") property(name="pri")
@@ -270,10 +270,17 @@ class Rsyslog:
     listener (RFC 5425) and a UDP one (RFC 5426) on loopback, each message written to a file
     as one JSON line with the fields rsyslog parsed out of it."""
 
-    def __init__(self, folder: Path, tls_port: int, udp_port: int):
+    def __init__(
+        self, folder: Path, tls_port: int, udp_port: int, *, client_ca: Path | None = None
+    ):
+        """``client_ca``: require client certificates issued by it (``x509/certvalid``)."""
         self.dir = folder
         self.tls_port, self.udp_port = tls_port, udp_port
         self.ca, self.cert, self.key = make_ca_and_server_cert(folder / "pki")
+        trusted = self.ca
+        if client_ca is not None:  # one CA file for both: ours and the clients' issuer
+            trusted = folder / "pki" / "trusted.pem"
+            trusted.write_bytes(self.ca.read_bytes() + client_ca.read_bytes())
         self.out = folder / "received.jsonl"
         self.proc: subprocess.Popen[bytes] | None = None
         (folder / "work").mkdir(parents=True, exist_ok=True)
@@ -281,7 +288,8 @@ class Rsyslog:
         self.conf.write_text(
             CONFIG.format(
                 work=folder / "work",
-                ca=self.ca,
+                auth="x509/certvalid" if client_ca is not None else "anon",
+                ca=trusted,
                 cert=self.cert,
                 key=self.key,
                 out=self.out,

@@ -15,6 +15,13 @@ from p2pacs.audit.trail import QUEUE_SIZE
 from p2pacs.config import Config
 from p2pacs.errors import AuditError, ConfigError
 from p2pacs.events import Lifecycle, SecurityAlert
+from p2pacs.federation.identity import (
+    CA_CERT,
+    SITE_CERT,
+    SITE_KEY,
+    create_federation_dir,
+    enroll_site,
+)
 
 from audit_helpers import Rsyslog, parse, xml_of
 
@@ -121,3 +128,37 @@ def test_many_sends_on_one_connection_lose_nothing(tmp_path: Path) -> None:
         rs.stop()
     peers = [parse(xml_of(r)).participants[1]["UserID"] for r in got]
     assert peers == [f"10.0.{i // 250}.{i % 250}:4000" for i in range(N_MANY)]
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/rsyslogd").exists(), reason="needs rsyslog: make debs")
+def test_client_certificate_is_the_site_certificate(tmp_path: Path) -> None:
+    """A repository that requires client certificates from the federation CA takes the site's
+    own (Ed25519) certificate, and refuses a trail that presents none."""
+    fed = create_federation_dir(tmp_path / "fed", "hospital")
+    site = enroll_site(fed, "lab", tmp_path / "lab", discovery=False)
+    ident = site.identity_path
+    rs = Rsyslog(tmp_path / "rsyslog", free_port(), free_port(socket.SOCK_DGRAM),
+                 client_ca=ident / CA_CERT)  # fmt: skip
+    repo = (f"tls://127.0.0.1:{rs.tls_port}",)
+    with_cert = TrailSettings(tmp_path / "a1", 1 << 20, repositories=repo, ca_file=rs.ca,
+                              client_cert=(ident / SITE_CERT, ident / SITE_KEY))  # fmt: skip
+    without = TrailSettings(tmp_path / "a2", 1 << 20, repositories=repo, ca_file=rs.ca)
+    rs.start()
+    refused = AuditTrail(without, LOCAL)
+    member = AuditTrail(with_cert, LOCAL)
+    try:
+        refused.start()
+        refused.observe(Lifecycle("start", "refused"))
+        member.start()
+        member.observe(Lifecycle("start", "lab"))
+        got = rs.wait_for(lambda g: len(g) >= 1, 30)
+        assert refused.flush(10) and member.flush(10)
+        snap = refused.snapshot()["repositories"]
+        assert isinstance(snap, dict)
+        (state,) = snap.values()
+        assert state["behind"] and state["failures"] >= 1, state
+    finally:
+        member.stop()
+        refused.stop(1.0)
+        rs.stop()
+    assert [parse(xml_of(r)).source_id for r in got] == ["lab"]
