@@ -74,20 +74,25 @@ ALERT_SCHEMES = {"tls-refused": "tls", "bad-mac": "dht", "tampered-blob": "p2pac
 
 def query_dataset(keys: tuple[tuple[str, str], ...]) -> bytes:
     """The C-FIND identifier, encoded again from its keys (Explicit VR Little Endian) for
-    ParticipantObjectQuery; keys pydicom cannot encode are left out, never fatal."""
+    ParticipantObjectQuery; a key pydicom cannot encode is left out, never fatal."""
     ds = Dataset()
     for keyword, value in keys:
         try:
             setattr(ds, keyword, value if value else None)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):
             continue
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    try:
-        write_dataset(out, ds)
-    except (ValueError, TypeError, OverflowError):  # a value its VR refuses: keep the rest
-        return b""
-    return out.getvalue()
+    out = []
+    for elem in ds:  # one at a time, in tag order: a value its VR refuses drops only itself
+        one = Dataset()
+        one.add(elem)
+        buf = DicomBytesIO()
+        buf.is_little_endian, buf.is_implicit_VR = True, False
+        try:
+            write_dataset(buf, one)
+        except (ValueError, TypeError, OverflowError, AttributeError):
+            continue
+        out.append(buf.getvalue())
+    return b"".join(out)
 
 
 def _peer(ae: str, address: str, requestor: bool, role: m.Code | None) -> m.Participant:

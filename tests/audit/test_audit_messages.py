@@ -207,3 +207,13 @@ def test_syslog_frame_round_trip() -> None:
     assert (parsed.app_name, parsed.msgid, parsed.structured_data) == ("p2pacs", MSGID, "-")
     assert parsed.hostname == "hosta" and parsed.procid == "42"
     assert parsed.message == xml
+
+
+def test_query_keys_pydicom_cannot_encode_are_left_out() -> None:
+    from p2pacs.audit.translate import query_dataset
+
+    raw = query_dataset((("PatientID", "P1"), ("NumberOfStudyRelatedInstances", "many"),
+                         ("StudyDate", "20240101-")))  # fmt: skip
+    ds = read_dataset(BytesIO(raw), is_implicit_VR=False, is_little_endian=True)
+    assert ds.PatientID == "P1" and ds.StudyDate == "20240101-"
+    assert "NumberOfStudyRelatedInstances" not in ds
