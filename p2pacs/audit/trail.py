@@ -131,17 +131,25 @@ class AuditTrail:
         """Open the log and the repositories' cursors (``AuditError`` if they cannot be), then
         start the recorder and one sender per repository."""
         s = self.settings
-        self._log = audit_log = AuditLog(s.log_dir, max_bytes=s.max_bytes, keep=s.keep)
-        context = None
-        for repo in self.repositories:
-            sender: Sender
-            if repo.scheme == "tls":
-                if context is None:
-                    context = tls_context(s.ca_file, s.client_cert)
-                sender = TlsSender(repo, context)
-            else:
-                sender = UdpSender(repo)
-            self._repos.append(_Repo(repo, sender, audit_log.cursor(repo.name)))
+        audit_log = AuditLog(s.log_dir, max_bytes=s.max_bytes, keep=s.keep)
+        try:
+            context = None
+            for repo in self.repositories:
+                sender: Sender
+                if repo.scheme == "tls":
+                    if context is None:
+                        context = tls_context(s.ca_file, s.client_cert)
+                    sender = TlsSender(repo, context)
+                else:
+                    sender = UdpSender(repo)
+                self._repos.append(_Repo(repo, sender, audit_log.cursor(repo.name)))
+        except BaseException:
+            audit_log.close()
+            for r in self._repos:
+                r.sender.close()
+            self._repos.clear()
+            raise
+        self._log = audit_log
         self._recorder = threading.Thread(target=self._record_loop, name="audit-log", daemon=True)
         self._recorder.start()
         for r in self._repos:

@@ -162,3 +162,10 @@ def test_client_certificate_is_the_site_certificate(tmp_path: Path) -> None:
         refused.stop(1.0)
         rs.stop()
     assert [parse(xml_of(r)).source_id for r in got] == ["lab"]
+
+
+def test_a_missing_ca_file_is_a_clear_error(tmp_path: Path) -> None:
+    settings = TrailSettings(tmp_path / "audit", 1 << 20, repositories=("tls://127.0.0.1:1",),
+                             ca_file=tmp_path / "nope.pem")  # fmt: skip
+    with pytest.raises(AuditError, match=r"nope\.pem"):
+        AuditTrail(settings, LOCAL).start()
