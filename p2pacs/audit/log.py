@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 _SEGMENT = re.compile(r"^audit-(\d{8})\.log$")
 FILE_MODE = 0o600  # audit records name patients: only the site's own user reads them
 DIR_MODE = 0o700
-READ_CHUNK = 4 << 20  # bytes read from a segment at a time when delivering (> MAX_FRAME)
+READ_CHUNK = 1 << 20  # bytes read from a segment at a time when delivering (more for a record
+# larger than that)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -136,7 +137,7 @@ class AuditLog:
         the end as it is now. Safe beside ``append`` in another thread: it reads only what was
         written and fsync'd before it started."""
         stop = self.end()
-        sent = 0
+        sent, chunk = 0, READ_CHUNK
         segment, offset = cursor.segment, cursor.offset
         while sent < limit and (segment, offset) < (stop.segment, stop.offset):
             if segment != stop.segment and not self.path(segment).exists():
@@ -144,8 +145,8 @@ class AuditLog:
                 continue
             with self.path(segment).open("rb") as f:
                 f.seek(offset)
-                end = stop.offset if segment == stop.segment else None
-                data = f.read(READ_CHUNK if end is None else min(READ_CHUNK, end - offset))
+                want = chunk if segment != stop.segment else min(chunk, stop.offset - offset)
+                data = f.read(want)
             pos = 0
             for after, record in read_frames(data, lines=True):
                 pos = after
@@ -153,12 +154,14 @@ class AuditLog:
                 yield Cursor(segment, offset + pos), record
                 if sent >= limit:
                     return
-            if pos == 0:  # nothing more in this segment
-                if segment == stop.segment:
-                    return
-                segment, offset = segment + 1, 0
-            else:
-                offset += pos
+            if pos:
+                offset, chunk = offset + pos, READ_CHUNK
+            elif len(data) == chunk:  # one record larger than the chunk: read more at once
+                chunk *= 2
+            elif segment == stop.segment:
+                return
+            else:  # the end of a closed segment
+                segment, offset, chunk = segment + 1, 0, READ_CHUNK
 
     # --- cursors ------------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ MSGID = "IHE+RFC-3881"  # IHE ITI TF-2a 3.20.6.2: the MSGID of an audit message
 FACILITY_AUTHPRIV = 10  # RFC 5424 6.2.1: security/authorization messages (private)
 SEVERITY_NOTICE = 5  # normal but significant
 BOM = b"\xef\xbb\xbf"  # RFC 5424 6.4: MSG-UTF8 starts with a byte order mark
-MAX_FRAME = 1 << 20  # bytes: a frame larger than this in a log or stream is corrupt
+MAX_FRAME = 16 << 20  # bytes: no audit message is larger (the trail refuses to log one that
+# would be); a larger count in a log is corruption
 UDP_MAX = 65507  # bytes of payload in one IPv4 UDP datagram (RFC 5426 3.2)
 CONNECT_TIMEOUT = 5.0  # seconds to connect and complete the TLS handshake
 SEND_TIMEOUT = 10.0  # seconds a blocked repository may hold one write

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from p2pacs.audit.log import AuditLog, Cursor
 from p2pacs.audit.syslog import (
+    MAX_FRAME,
     Repository,
     TlsSender,
     UdpSender,
@@ -257,9 +258,15 @@ class AuditTrail:
             except Exception:
                 log.exception("audit: cannot build the message for %s", type(event).__name__)
                 continue
-            frames += [
-                frame(msg, at=at, hostname=self._hostname, procid=procid) for msg in messages
-            ]
+            for msg in messages:
+                data = frame(msg, at=at, hostname=self._hostname, procid=procid)
+                if len(data) > MAX_FRAME:  # e.g. a C-MOVE naming tens of thousands of studies
+                    log.error(
+                        "audit: a %s message of %d bytes is too large to log (limit %d)",
+                        type(event).__name__, len(data), MAX_FRAME,
+                    )  # fmt: skip
+                    continue
+                frames.append(data)
         self._log.append(frames)
         self.stats.messages += len(frames)
         if frames:

@@ -99,3 +99,13 @@ def test_bad_repository_addresses(text: str) -> None:
     with pytest.raises(AuditError):
         parse_repository(text)
     assert parse_repository("tls://127.0.0.1").port == 6514
+
+
+def test_a_record_larger_than_a_read_chunk(tmp_path: Path) -> None:
+    from p2pacs.audit.log import READ_CHUNK
+
+    log = AuditLog(tmp_path, max_bytes=1 << 30)
+    big = records(1, 3 * READ_CHUNK)
+    log.append(records(2) + big + records(2))
+    got = [r for _, r in log.read_from(Cursor(1, 0), 10)]
+    assert got == records(2) + big + records(2)
