@@ -222,6 +222,7 @@ class SiteNode:
             "bytes": stored,
             "hashed_bytes": hashed_bytes(),  # by this process since it started
             "federation": None,
+            "audit": self.audit.snapshot() if self.audit is not None else None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
         if fed is not None and healer is not None and recovery is not None:

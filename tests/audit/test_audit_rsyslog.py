@@ -184,6 +184,9 @@ async def test_operations_and_refusals_reach_rsyslog_across_a_restart(tmp_path: 
             assert len(events(logged, "110113")) == 2, [parse(x) for x in logged]
             assert events(logged, "110112"), "the C-FIND is in the local log"
             assert not events(received(rs), "110112"), "rsyslog was down: it cannot have it"
+            status = await node.status()
+            (repo,) = status["audit"]["repositories"].values()
+            assert repo["behind"] and repo["failures"] >= 1 and repo["last_error"], repo
 
             rs.start()  # the repository returns: what it missed arrives, in order, once
             got = rs.wait_for(lambda g: len(g) >= len(logged), 60)
