@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from socket import SOCK_DGRAM
@@ -297,6 +297,11 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
     @property
     def site_id(self) -> bytes:
         return bytes(self.node.id)
+
+    def on_drop(self, observer: Callable[[str, Addr], None] | None) -> None:
+        """Call ``observer(reason, sender)`` for each datagram dropped before parsing (one of
+        ``DROP_REASONS``), on the event loop; it must not block."""
+        self._proto.on_drop = observer
 
     @property
     def stats(self) -> dict[str, int]:

@@ -167,6 +167,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         self.proven: dict[bytes, Addr] = {}  # site_id -> address it proved itself from
         self.names: dict[bytes, str] = {}
         self._quiet = _QuietLog()
+        # told of every datagram dropped before parsing (reason, sender): the site's audit trail
+        self.on_drop: Callable[[str, Addr], None] | None = None
         self._handlers: dict[str, Callable[[Addr, bytes, list[Any]], Any]] = {
             "hello": self.rpc_hello,
             "ping": self.rpc_ping,
@@ -197,6 +199,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
                 self._accept_response(frame.msg_id, obj, addr)
         except DroppedDatagram as exc:
             self.stats[exc.reason] += 1
+            if self.on_drop is not None:
+                try:
+                    self.on_drop(exc.reason, addr)
+                except Exception:  # an observer's fault never reaches the event loop
+                    log.debug("on_drop observer failed", exc_info=True)
             self._quiet.warning(exc.reason, "dropped a datagram from %s: %s", addr, exc.reason)
         except Exception:
             self.stats["handler_errors"] += 1

@@ -23,6 +23,7 @@ from p2pacs.errors import ConfigError
 
 __all__ = [
     "CONFIG_NAME",
+    "AuditConfig",
     "Config",
     "DicomConfig",
     "FederationConfig",
@@ -167,11 +168,25 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(slots=True)
+class AuditConfig:
+    """The IHE ATNA audit trail (docs/operations.md, "Audit trail")."""
+
+    enabled: bool = True  # write DICOM audit messages to the local log (and repositories)
+    log_dir: str = ""  # the local audit log; empty: SITE_DIR/audit (relative: in SITE_DIR)
+    log_max_bytes: int = 16 << 20  # bytes per log segment before the next one is started
+    log_keep: int = 0  # delivered segments kept besides the current one; 0: keep all
+    repositories: list[str] = field(default_factory=list)  # "tls://host:port", "udp://host:port"
+    ca_file: str = ""  # CA certificate(s) the TLS repositories are verified against
+    client_cert: bool = False  # present the site's federation certificate to TLS repositories
+
+
+@dataclass(slots=True)
 class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -190,8 +205,9 @@ class Config:
             dicom=_section(DicomConfig, raw, "dicom", path),
             federation=_section(FederationConfig, raw, "federation", path),
             web=_section(WebConfig, raw, "web", path),
+            audit=_section(AuditConfig, raw, "audit", path),
         )
-        unknown = sorted(set(raw) - {"store", "dicom", "federation", "web"})
+        unknown = sorted(set(raw) - {"store", "dicom", "federation", "web", "audit"})
         if unknown:
             raise ConfigError(f"{path}: unknown table(s): {', '.join(unknown)}")
         problems = config.check()
@@ -264,6 +280,7 @@ class Config:
                     problems.append(
                         f"web.port and {key} are both {port}: give them different ports"
                     )
+        problems += _audit_problems(self.audit)
         return problems
 
     # --- one setting at a time: 'p2pacs config get/set' ---------------------------------------
@@ -295,10 +312,31 @@ class Config:
             "dicom": DicomConfig,
             "federation": FederationConfig,
             "web": WebConfig,
+            "audit": AuditConfig,
         }
         return [
             f"{name}.{f.name}" for name, kind in sections.items() for f in dataclasses.fields(kind)
         ]
+
+
+def _audit_problems(a: AuditConfig) -> list[str]:
+    problems = []
+    if a.log_max_bytes < 4096:
+        problems.append(f"audit.log_max_bytes = {a.log_max_bytes} must be at least 4096")
+    if a.log_keep < 0:
+        problems.append(f"audit.log_keep = {a.log_keep} must be 0 (keep all) or more")
+    for repo in a.repositories:
+        scheme, sep, rest = repo.partition("://")
+        if scheme not in ("tls", "udp") or not sep:
+            problems.append(
+                f"audit.repositories: {repo!r} must be tls://host:port or udp://host:port"
+            )
+            continue
+        try:
+            parse_hostport(rest, 6514 if scheme == "tls" else 514)
+        except ConfigError as exc:
+            problems.append(f"audit.repositories: {exc}")
+    return problems
 
 
 def _split_key(key: str) -> tuple[str, str]:

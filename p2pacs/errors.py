@@ -8,6 +8,7 @@ so callers only ever catch ``P2PacsError``.
 from __future__ import annotations
 
 __all__ = [
+    "AuditError",
     "BlobNotFoundError",
     "ConfigError",
     "CorruptBlobError",
@@ -103,3 +104,7 @@ class RecoveryError(P2PacsError):
 
 class WebError(P2PacsError):
     """The site's web server (status page, metrics) could not do what was asked."""
+
+
+class AuditError(P2PacsError):
+    """The audit trail cannot be set up (log directory, repository address, CA file)."""

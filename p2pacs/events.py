@@ -25,6 +25,10 @@ __all__ = [
     "Lifecycle",
     "PeerTransfer",
     "SecurityAlert",
+    "TransferBegun",
+    "UserAuthentication",
+    "alert_limiter",
+    "bad_mac_alerts",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,29 @@ class SecurityAlert:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferBegun:
+    """A C-MOVE or C-GET starts sending instances (PS3.15 A.5.3.3 Begin Transferring)."""
+
+    service: str  # "C-MOVE" or "C-GET"
+    calling_ae: str
+    address: str  # the requestor's host
+    destination: str = ""  # C-MOVE: the move destination AE title
+    level: str = ""
+    study_uids: tuple[str, ...] = ()
+    patient_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UserAuthentication:
+    """A person logged in (or failed to) at the web interface (PS3.15 A.5.3.13)."""
+
+    user: str
+    address: str  # the client's host
+    success: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Lifecycle:
     """The site started or stopped."""
 
@@ -91,7 +118,15 @@ class Lifecycle:
     site: str
 
 
-Event = DicomRequest | AssociationEvent | PeerTransfer | SecurityAlert | Lifecycle
+Event = (
+    DicomRequest
+    | AssociationEvent
+    | PeerTransfer
+    | SecurityAlert
+    | Lifecycle
+    | TransferBegun
+    | UserAuthentication
+)
 Observer = Callable[[Event], None]
 
 
@@ -124,3 +159,47 @@ class EventBus:
                 if now - self._last_error.get(key, 0.0) >= ERROR_LOG_INTERVAL:
                     self._last_error[key] = now
                     log.exception("event observer %r failed", observer)
+
+
+ALERT_INTERVAL = 60.0  # seconds between two alerts of one kind about one peer (a flood of bad
+# datagrams must not flood the audit trail; the next alert counts what was held back)
+
+
+def alert_limiter(
+    bus: EventBus, kind: str, *, interval: float = ALERT_INTERVAL
+) -> Callable[[str, str], None]:
+    """A ``(peer, detail)`` callback emitting ``SecurityAlert(kind, ...)`` at most once per
+    ``interval`` per peer; the alerts held back meanwhile are counted into the next one.
+    For emitters a peer can trigger at will (datagrams with a bad MAC)."""
+    lock = threading.Lock()
+    last: dict[str, float] = {}
+    held: dict[str, int] = {}
+
+    def alert(peer: str, detail: str) -> None:
+        now = time.monotonic()
+        with lock:
+            if now - last.get(peer, -interval) < interval:
+                held[peer] = held.get(peer, 0) + 1
+                return
+            if len(last) > 4096:  # forget quiet peers; bounded memory against spoofed sources
+                last.clear()
+            last[peer] = now
+            more = held.pop(peer, 0)
+        if more:
+            detail = f"{detail} ({more} more since the last alert)"
+        bus.emit(SecurityAlert(kind, peer, detail))
+
+    return alert
+
+
+def bad_mac_alerts(bus: EventBus) -> Callable[[str, tuple[str, int]], None]:
+    """A DHT ``on_drop`` observer: datagrams failing their MAC come from outside the federation
+    (another federation's secret, or none): one ``SecurityAlert("bad-mac")`` per sender and
+    minute. Other drops (stale, replayed, rate-limited) are counted by the DHT, not alerted."""
+    alert = alert_limiter(bus, "bad-mac")
+
+    def dropped(reason: str, addr: tuple[str, int]) -> None:
+        if reason == "dropped_bad_mac":
+            alert(f"{addr[0]}:{addr[1]}", "DHT datagram dropped: bad MAC (not a federation member)")
+
+    return dropped

@@ -13,20 +13,26 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography import x509
+
 from p2pacs import __version__
 from p2pacs.archive import Archive
+from p2pacs.audit import AuditTrail, Local, StudyInfo, TrailSettings
 from p2pacs.const import STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.events import Lifecycle
 from p2pacs.federation.continuity import settle_at_start
+from p2pacs.federation.identity import CA_CERT, SITE_CERT, SITE_KEY
 from p2pacs.federation.node import FederationNode
 from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.healing.commitment import check_commitment
@@ -42,6 +48,9 @@ __all__ = ["RUNFILE", "SiteNode"]
 
 log = logging.getLogger(__name__)
 
+AUDIT_DIR = "audit"  # the local audit log, in the site directory unless audit.log_dir says
+AUDIT_STOP_TIMEOUT = 5.0  # seconds a stopping site gives the audit repositories to catch up
+
 
 class SiteNode:
     """Async context manager running one site."""
@@ -56,6 +65,7 @@ class SiteNode:
         self.federation: FederationNode | None = None  # when enrolled
         self.healer: Healer | None = None
         self.recovery: Recovery | None = None
+        self.audit: AuditTrail | None = None
         self.started = time.time()
         self.loop_lag = LoopLag()
         self.scrubs = ScrubTotals()
@@ -74,6 +84,8 @@ class SiteNode:
         self.loop_lag.start()
         self.archive = archive = self.site.archive()
         enrolled = self.site.config.federation.enabled
+        if self.site.config.audit.enabled:  # before any DICOM work, so all of it is audited
+            self._start_audit(archive)
         if enrolled:  # before the gateway takes a C-STORE: a wiped archive is awaiting from now
             self._settle_baseline(archive)
         self.gateway = Gateway(
@@ -105,6 +117,48 @@ class SiteNode:
         await server.start()
         self.web = server
         log.info("status page and metrics at %s/", server.url)
+
+    def _start_audit(self, archive: Archive) -> None:
+        cfg, fed = self.site.config.audit, self.site.config.federation
+        ident = self.site.identity_path
+        settings = TrailSettings(
+            log_dir=self.site.path / (cfg.log_dir or AUDIT_DIR),  # an absolute path stays so
+            max_bytes=cfg.log_max_bytes,
+            keep=cfg.log_keep,
+            repositories=tuple(cfg.repositories),
+            ca_file=self.site.path / cfg.ca_file if cfg.ca_file else None,
+            client_cert=(ident / SITE_CERT, ident / SITE_KEY) if cfg.client_cert else None,
+        )
+        name = fed.name or self.site.path.name
+        local = Local(
+            site=name,
+            ae_title=self.site.config.dicom.ae_title,
+            host=fed.host if fed.enabled else socket.gethostname(),
+            enterprise=self._federation_name() if fed.enabled else "",
+        )
+        self.audit = AuditTrail(settings, local, self._study_info)
+        self.audit.start()
+        archive.events.subscribe(self.audit.observe)
+
+    def _federation_name(self) -> str:
+        """The federation's name (its CA's common name), for AuditEnterpriseSiteID."""
+        try:
+            ca = x509.load_pem_x509_certificate((self.site.identity_path / CA_CERT).read_bytes())
+            names = ca.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            return str(names[0].value) if names else ""
+        except (OSError, ValueError):
+            return ""
+
+    def _study_info(self, study_uid: str) -> StudyInfo | None:
+        """The audit thread's view of a study held here: its patient, instances per class."""
+        archive = self.archive
+        if archive is None:
+            return None
+        record = archive.index.study(study_uid)
+        if record is None:
+            return None
+        classes = Counter(i.sop_class_uid for i in archive.index.study_instances(study_uid))
+        return StudyInfo(str(record.attrs.get("PatientID", "")), tuple(sorted(classes.items())))
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -200,6 +254,7 @@ class SiteNode:
             "web": list(self.web.address) if self.web is not None else None,
             "storage": storage,
             "federation": None,
+            "audit": self.audit.snapshot() if self.audit is not None else None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
         if fed is not None and healer is not None and recovery is not None:
@@ -244,6 +299,9 @@ class SiteNode:
         if self.archive is not None:
             name = self.site.config.federation.name or self.site.path.name
             self.archive.events.emit(Lifecycle("stop", name))
+            if self.audit is not None:
+                self.audit.stop(AUDIT_STOP_TIMEOUT)
+                self.audit = None
             self.archive.close()
             self.archive = None
 

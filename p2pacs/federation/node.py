@@ -28,6 +28,7 @@ from p2pacs.archive import Archive
 from p2pacs.config import parse_hostport
 from p2pacs.dicom.header import AttrValue
 from p2pacs.errors import FederationError, P2PacsError, PeerUnavailableError
+from p2pacs.events import PeerTransfer, bad_mac_alerts
 from p2pacs.federation import cattree
 from p2pacs.federation.catalogue import (
     SITE_NAMESPACE,
@@ -198,7 +199,8 @@ class FederationNode:
             # own records are re-signed well before they lapse, even with a short TTL
             republish_interval=min(REPUBLISH_INTERVAL, cfg.record_ttl / 4),
         )
-        self.client = PeerClient(self.identity, self.federation)
+        self.dht.on_drop(bad_mac_alerts(self.archive.events))
+        self.client = PeerClient(self.identity, self.federation, events=self.archive.events)
         await self.client.__aenter__()
         self.server = TransferServer(
             self.archive.blobs,
@@ -208,6 +210,7 @@ class FederationNode:
             port=cfg.transfer_port,
             extra_routes=lambda app: self._routes(app, install_routes),
             on_corrupt=self._corrupt_served,
+            events=self.archive.events,
         )
         await self.server.start()
         if cfg.discovery:
@@ -759,6 +762,9 @@ class FederationNode:
                 result.instances += 1
             except P2PacsError as exc:
                 result.failed[e.hash] = str(exc)
+        if result.blobs:  # the audit trail: instances transferred in (PS3.15 A.5.3.5)
+            names = ",".join(dict.fromkeys(p.name for p in live))
+            self.archive.events.emit(PeerTransfer("in", names, result.bytes, "fetch", study_uid))
         if result.instances:
             self.publisher.mark([study_uid])
         if result.complete:

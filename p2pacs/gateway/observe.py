@@ -14,7 +14,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from p2pacs.events import AssociationEvent, DicomRequest, EventBus
+from p2pacs.events import AssociationEvent, DicomRequest, EventBus, TransferBegun
 from p2pacs.gateway import status
 
 __all__ = ["association_observers", "identifier_keys", "observed"]
@@ -68,6 +68,8 @@ def _watch(bus: EventBus, service: str, event: evt.Event, items: Iterator[Any]) 
         for item in items:
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
                 code, payload = item
+                if code in PENDING and payload is not None and not sent + failed:
+                    _begun(bus, service, event, identifier)  # the first instance goes out
                 if code in PENDING:
                     if payload is not None and service != "C-FIND":
                         if type(payload).__name__ == "UnreadableInstance":
@@ -104,8 +106,26 @@ def _watch(bus: EventBus, service: str, event: evt.Event, items: Iterator[Any]) 
                 destination=str(event.move_destination).strip() if service == "C-MOVE" else "",
                 level=dict(keys).get("QueryRetrieveLevel", ""),
                 query=keys,
+                sop_class_uid=str(getattr(event.request, "AffectedSOPClassUID", "") or ""),
             )
         )
+
+
+def _begun(bus: EventBus, service: str, event: evt.Event, identifier: Dataset | None) -> None:
+    """Begin Transferring (PS3.15 A.5.3.3): told once, before a C-MOVE/C-GET's first instance."""
+    if service == "C-FIND":
+        return
+    keys = identifier_keys(identifier)
+    bus.emit(
+        TransferBegun(
+            service,
+            *_requestor(event),
+            destination=str(event.move_destination).strip() if service == "C-MOVE" else "",
+            level=dict(keys).get("QueryRetrieveLevel", ""),
+            study_uids=_values(keys, "StudyInstanceUID"),
+            patient_ids=_values(keys, "PatientID"),
+        )
+    )
 
 
 def association_observers(bus: EventBus) -> list[tuple[Any, Callable[[evt.Event], None]]]:

@@ -33,6 +33,7 @@ from p2pacs.errors import (
     PeerUnavailableError,
     TransferError,
 )
+from p2pacs.events import EventBus, SecurityAlert, alert_limiter
 from p2pacs.store import BlobStore, hash_bytes
 from p2pacs.transfer.server import BATCH_FRAME, MAX_BATCH
 from p2pacs.transfer.tls import client_context, member_site_id
@@ -110,11 +111,14 @@ class PeerClient:
         *,
         timeout: float = 30.0,
         connections_per_peer: int = 8,
+        events: EventBus | None = None,
     ):
         self.identity = identity
         self.federation = federation
         self.timeout = timeout
         self.connections_per_peer = connections_per_peer
+        self.events = events  # tampered blobs and peers refused at TLS (audit trail)
+        self._refused = alert_limiter(events, "tls-refused") if events is not None else None
         self._session: aiohttp.ClientSession | None = None
         self.bad_peers: dict[str, int] = {}
         self.received: Counter[str] = Counter()  # blob bytes received, by peer site name
@@ -286,7 +290,13 @@ class PeerClient:
         if isinstance(exc, IntegrityError):
             self.bad_peers[peer.name] = self.bad_peers.get(peer.name, 0) + 1
             log.warning("%s; trying another holder", exc)
+            if self.events is not None:
+                self.events.emit(SecurityAlert("tampered-blob", peer.name, str(exc)))
             return
+        refused = isinstance(exc, MembershipError)
+        refused = refused or isinstance(exc.__cause__, aiohttp.ClientSSLError)
+        if self._refused is not None and refused:
+            self._refused(f"{peer.host}:{peer.port}", str(exc))
         if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
             self._unreachable[peer.url] = time.monotonic()
         log.info("%s; trying another holder", exc)

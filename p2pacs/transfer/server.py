@@ -25,6 +25,7 @@ from aiohttp import web
 from dht.membership import Federation, Identity
 from p2pacs import __version__, failpoints
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, MembershipError, TransferError
+from p2pacs.events import EventBus, PeerTransfer, alert_limiter
 from p2pacs.store import BlobStore
 from p2pacs.transfer.tls import peer_site_id, server_context
 
@@ -68,6 +69,7 @@ class TransferServer:
         port: int = 0,
         extra_routes: Callable[[web.Application], None] | None = None,
         on_corrupt: Callable[[str], None] | None = None,
+        events: EventBus | None = None,
     ):
         self.blobs = blobs
         self.identity = identity
@@ -75,6 +77,8 @@ class TransferServer:
         self.host = host
         self.port = port
         self.on_corrupt = on_corrupt
+        self.events = events  # transfers out and refused non-members, for metrics and audit
+        self._refused = alert_limiter(events, "tls-refused") if events is not None else None
         self.app = web.Application(middlewares=[self._member_only], client_max_size=4 << 20)
         self.app.router.add_get("/v1/health", self._health)
         self.app.router.add_get("/v1/blobs/{hash}", self._blob)  # also answers HEAD
@@ -94,7 +98,9 @@ class TransferServer:
             self._runner,
             self.host,
             self.port,
-            ssl_context=server_context(self.identity, self.federation),
+            ssl_context=server_context(
+                self.identity, self.federation, self._handshake_refused if self.events else None
+            ),
             reuse_address=True,
         )
         try:
@@ -104,6 +110,10 @@ class TransferServer:
             raise TransferError(
                 f"cannot listen on {self.host}:{self.port} for peer transfer: {exc.strerror}"
             ) from exc
+
+    def _handshake_refused(self, why: str) -> None:
+        if self._refused is not None:
+            self._refused("", why)  # the address is not known at that layer
 
     @property
     def address(self) -> tuple[str, int]:
@@ -126,6 +136,8 @@ class TransferServer:
         try:
             request[PEER_SITE_ID] = peer_site_id(ssl_object, self.federation)
         except MembershipError as exc:
+            if self._refused is not None:
+                self._refused(request.remote or "", str(exc))
             raise web.HTTPForbidden(text=str(exc)) from None
         return await handler(request)
 
@@ -180,6 +192,7 @@ class TransferServer:
             return response
         if await self._send(request, response, h, (start, end), size):
             await response.write_eof()
+            self._served(request, end - start)
         return response
 
     async def _batch(self, request: web.Request) -> web.StreamResponse:
@@ -203,7 +216,14 @@ class TransferServer:
             if size >= 0 and not await self._send(request, response, h, (0, size), size):
                 return response
         await response.write_eof()
+        self._served(request, sum(n for n in sizes.values() if n > 0))
         return response
+
+    def _served(self, request: web.Request, sent: int) -> None:
+        """One transfer out per request (never per blob: a batch may hold a thousand)."""
+        if self.events is not None:
+            peer = request[PEER_SITE_ID].hex()
+            self.events.emit(PeerTransfer("out", peer, sent, "serve"))
 
     async def _send(
         self,

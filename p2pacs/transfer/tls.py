@@ -13,6 +13,7 @@ import ssl
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -53,9 +54,35 @@ def _context(purpose: ssl.Purpose, identity: Identity, federation: Federation) -
     return ctx
 
 
-def server_context(identity: Identity, federation: Federation) -> ssl.SSLContext:
-    """Requires a client certificate issued by the federation CA at the handshake."""
-    return _context(ssl.Purpose.CLIENT_AUTH, identity, federation)
+def server_context(
+    identity: Identity,
+    federation: Federation,
+    on_refused: Callable[[str], None] | None = None,
+) -> ssl.SSLContext:
+    """Requires a client certificate issued by the federation CA at the handshake;
+    ``on_refused(reason)`` is told of each handshake that fails (a non-member refused)."""
+    ctx = _context(ssl.Purpose.CLIENT_AUTH, identity, federation)
+    if on_refused is not None:
+        ctx.sslobject_class = _watched(on_refused)
+    return ctx
+
+
+def _watched(on_refused: Callable[[str], None]) -> type[ssl.SSLObject]:
+    """An SSLObject that reports a failed handshake. asyncio only logs those in debug mode
+    and tells the server's protocol nothing (it is never made), so this is the one place that
+    sees them; the peer's address is not known here."""
+
+    class Watched(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                on_refused(f"TLS handshake refused: {exc.reason or exc}")
+                raise
+
+    return Watched
 
 
 def client_context(identity: Identity, federation: Federation) -> ssl.SSLContext:
