@@ -157,9 +157,16 @@ class _Process:
 class StoreSCP(_Process):
     """dcmtk ``storescp`` writing what it receives, bit-preserved, into ``out_dir``."""
 
-    def __init__(self, out_dir: Path, aet: str = "STORESCP", port: int | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        aet: str = "STORESCP",
+        port: int | None = None,
+        accept: str = "+xa",  # storescp's transfer syntax option; "+x=": uncompressed only
+    ):
         self.out_dir, self.aet = out_dir, aet
         self.port = port or free_tcp_port()
+        self.accept = accept
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +175,7 @@ class StoreSCP(_Process):
                 tool_path("storescp"),
                 "-aet",
                 self.aet,
-                "+xa",
+                self.accept,
                 "+B",
                 "-pdu",
                 "131072",
