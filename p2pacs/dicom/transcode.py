@@ -100,6 +100,15 @@ _DECODING_PLUGIN: dict[str, str] = {
     ),
     JPEGLSLossless: "pyjpegls",
     JPEGLSNearLossless: "pyjpegls",
+    **dict.fromkeys(
+        (
+            "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+            "1.2.840.10008.1.2.4.51",  # JPEG Extended
+            "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+            "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        ),
+        "gdcm",
+    ),
 }
 _ENCODING_PLUGIN: dict[str, str] = {
     RLELossless: "pylibjpeg",
