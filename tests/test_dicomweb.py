@@ -12,6 +12,7 @@ import pytest
 from p2pacs.dicom import Level, split_part10
 from p2pacs.dicomweb.qido import MAX_LIMIT, QidoError, parse_query, row_to_json
 from p2pacs.dicomweb.wado import (
+    MetadataCache,
     NotAcceptableError,
     StowResult,
     accepted_syntaxes,
@@ -162,3 +163,13 @@ def test_stow_response_dataset() -> None:
     failed = out["00081198"]["Value"]
     assert [f["00081197"]["Value"] for f in failed] == [[0xA900], [0xC000]]
     assert "Value" not in failed[1]["00081155"]
+
+
+def test_metadata_cache_drops_least_recently_used() -> None:
+    cache = MetadataCache(capacity=2)
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    assert cache.get("a") == b"1"  # a is now the most recently used
+    cache.put("c", b"3")
+    assert cache.get("b") is None and cache.get("a") == b"1" and cache.get("c") == b"3"
+    assert len(cache) == 2

@@ -27,6 +27,7 @@ from p2pacs.dicomweb import qido
 from p2pacs.dicomweb.wado import (
     ANY_SYNTAX,
     DICOM_JSON,
+    MetadataCache,
     NotAcceptableError,
     StowResult,
     accepted_syntaxes,
@@ -81,6 +82,7 @@ class DicomWeb:
     def __init__(self, archive: Archive, ingest: Ingest | None):
         self.archive = archive
         self.ingest: Ingest = ingest or self.archive.submit
+        self.metadata_cache = MetadataCache()
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -217,19 +219,24 @@ class DicomWeb:
             return _text(406, f"metadata is served as {DICOM_JSON} only")
         records = await self._records(request)
 
-        def run() -> list[dict[str, Any]]:
-            out = []
+        def run() -> bytes:
+            parts = []
             for rec in records:
                 v = rec.current
-                out.append(metadata_json(self.archive.blob(v.hash), v.transfer_syntax))
-            return out
+                cached = self.metadata_cache.get(v.hash)
+                if cached is None:
+                    meta = metadata_json(self.archive.blob(v.hash), v.transfer_syntax)
+                    cached = json.dumps(meta, separators=(",", ":")).encode()
+                    self.metadata_cache.put(v.hash, cached)
+                parts.append(cached)
+            return b"[" + b",".join(parts) + b"]"
 
         try:
             body = await asyncio.to_thread(run)
         except P2PacsError as exc:
             log.error("WADO-RS metadata failed: %s", exc)
             return _text(500, f"an instance could not be read: {exc}")
-        return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON)
+        return web.Response(body=body, content_type=DICOM_JSON)
 
     async def frames(self, request: web.Request) -> web.StreamResponse:
         try:

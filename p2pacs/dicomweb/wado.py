@@ -4,7 +4,9 @@ the STOW-RS response dataset (PS3.18 8.7, 10.4, 10.5)."""
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,7 @@ from p2pacs.errors import P2PacsError, TranscodeError
 __all__ = [
     "ANY_SYNTAX",
     "DICOM_JSON",
+    "MetadataCache",
     "NotAcceptableError",
     "StowResult",
     "accepted_syntaxes",
@@ -32,6 +35,9 @@ __all__ = [
 ANY_SYNTAX = "*"  # transfer-syntax=* : as stored (PS3.18 8.7.3.5.2)
 DICOM_JSON = "application/dicom+json"
 INLINE_LIMIT = 4096  # bytes: larger binary values are left out of /metadata (bulk data)
+# instances whose encoded metadata is kept (a few KB each: ~20-40 MB for a full cache, room
+# for several 600-instance series a viewer opens again and again)
+METADATA_CACHE_ENTRIES = 8192
 _DEFAULT_SYNTAX = str(ExplicitVRLittleEndian)  # PS3.18 Table 8.7.3-2: application/dicom
 _SERVED = {*(str(t) for t in UNCOMPRESSED), *LOSSLESS_TARGETS, ANY_SYNTAX}
 
@@ -170,6 +176,34 @@ def frames_of(raw: bytes | memoryview, ts: str, numbers: Sequence[int]) -> list[
             raise IndexError(f"frame {n} out of 1..{count}")
         out.append(bytes(data[(n - 1) * size : n * size]))
     return out
+
+
+class MetadataCache:
+    """Encoded /metadata objects by blob hash, least recently used dropped first. A blob never
+    changes under its hash, so an entry is never stale; a new version of an instance is a new
+    blob and a new entry. Thread-safe (filled from worker threads)."""
+
+    def __init__(self, capacity: int = METADATA_CACHE_ENTRIES):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: bytes) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True, slots=True)
