@@ -137,6 +137,10 @@ def test_qido_paging_includefield_and_bad_query(served: Served) -> None:
     all_studies = served.client.search_for_studies()
     page = served.client.search_for_studies(limit=2, offset=1)
     assert [s["0020000D"] for s in page] == [s["0020000D"] for s in all_studies[1:3]]
+    r = requests.get(f"{served.url}/studies", params={"limit": "1"}, timeout=TIMEOUT)
+    assert "additional results" in r.headers["Warning"]
+    r = requests.get(f"{served.url}/studies", params={"offset": "1"}, timeout=TIMEOUT)
+    assert len(r.json()) == len(all_studies) - 1 and "Warning" not in r.headers
     full = served.client.search_for_studies(fields=["all"], limit=1)
     assert "00081030" in full[0]  # StudyDescription: a key of includefield=all
     r = requests.get(f"{served.url}/studies", params={"NoSuchKey": "1"}, timeout=TIMEOUT)

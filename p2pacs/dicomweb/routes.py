@@ -143,7 +143,8 @@ class DicomWeb:
                 for i, row in enumerate(rows):
                     if i < query.offset:
                         continue
-                    if len(out) >= query.limit:
+                    if len(out) >= query.limit:  # PS3.18 8.3.4.4: say more results exist
+                        query.warnings.append("there are additional results to request")
                         break
                     out.append(qido.row_to_json(query.keys, row, _url(base, level, row)))
             finally:
