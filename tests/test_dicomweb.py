@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import generate_frames
 
 from p2pacs.dicom import Level, split_part10
 from p2pacs.dicomweb.qido import MAX_LIMIT, QidoError, parse_query, row_to_json
@@ -137,12 +138,19 @@ def test_frames_uncompressed_and_decoded(pydicom_all_files: list[Path]) -> None:
     part = split_part10(path.read_bytes())
     arr = pydicom.dcmread(path).pixel_array
     got = frames_of(part.dataset, part.transfer_syntax, [2, 1])
-    assert got == [arr[1].tobytes(), arr[0].tobytes()]
+    assert got == ([arr[1].tobytes(), arr[0].tobytes()], "1.2.840.10008.1.2.1")
     with pytest.raises(IndexError, match=r"frame 3 out of 1\.\.2"):
         frames_of(part.dataset, part.transfer_syntax, [3])
+    # as stored: the RLE-compressed frame itself
+    stored = list(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=2))
+    got = frames_of(part.dataset, part.transfer_syntax, [2], as_stored=True)
+    assert got == ([stored[1]], "1.2.840.10008.1.2.5")
+    with pytest.raises(IndexError, match=r"frame 0 out of"):
+        frames_of(part.dataset, part.transfer_syntax, [0], as_stored=True)
     ct = _file(pydicom_all_files, "CT_small.dcm")
     part = split_part10(ct.read_bytes())
-    (frame,) = frames_of(part.dataset, part.transfer_syntax, [1])
+    (frame,), ts = frames_of(part.dataset, part.transfer_syntax, [1], as_stored=True)
+    assert ts == "1.2.840.10008.1.2.1"  # stored uncompressed: native either way
     want = pydicom.dcmread(ct).pixel_array
     assert np.array_equal(np.frombuffer(frame, dtype=want.dtype).reshape(want.shape), want)
 

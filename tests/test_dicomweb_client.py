@@ -19,6 +19,7 @@ import pytest
 import requests
 from aiohttp import web
 from dicomweb_client.api import DICOMwebClient
+from pydicom.encaps import generate_frames
 from pydicom.uid import generate_uid
 
 from p2pacs.archive import Archive
@@ -227,8 +228,20 @@ def test_frames(served: Served) -> None:
         frame_numbers=[2],
         media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),),
     )
-    arr = pydicom.dcmread(served.files[uid]).pixel_array
-    assert frames == [arr[1].tobytes()]
+    original = pydicom.dcmread(served.files[uid])
+    assert frames == [original.pixel_array[1].tobytes()]
+    url = f"{served.url}/studies/{h.StudyInstanceUID}/series/{h.SeriesInstanceUID}"
+    url += f"/instances/{uid}/frames/1,2"
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    r = requests.get(url, headers={"Accept": accept}, timeout=TIMEOUT)
+    assert r.status_code == 200
+    assert r.content.count(b"transfer-syntax=1.2.840.10008.1.2.5\r\n") == 2
+    for frame in generate_frames(original.PixelData, number_of_frames=2):
+        assert frame in r.content
+    r = requests.get(url.replace("1,2", "9"), timeout=TIMEOUT)
+    assert r.status_code == 404
+    r = requests.get(url.replace("1,2", "one"), timeout=TIMEOUT)
+    assert r.status_code == 400
 
 
 def _copy_with_new_uids(path: Path, study: str | None = None) -> pydicom.Dataset:

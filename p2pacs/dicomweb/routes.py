@@ -64,6 +64,7 @@ _ROUTES = {  # name -> path pattern (the name says the handler and the level)
     "meta_instance": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/metadata",
     "frames": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/frames/{{frames}}",
 }
+_EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian: native frames
 _PATTERNS = {**_ROUTES, "stow": "/studies", "stow_study": f"/studies/{_STUDY}"}
 # STOW-RS FailureReason values (PS3.4 B.2.3 / PS3.18 10.5.3)
 REFUSED_OUT_OF_RESOURCES = 0xA700
@@ -244,32 +245,29 @@ class DicomWeb:
             wanted = accepted_syntaxes(request.headers.get("Accept"), "application/octet-stream")
         except NotAcceptableError as exc:
             return _text(406, str(exc))
-        if "1.2.840.10008.1.2.1" not in wanted:
-            return _text(
-                406, "frames are served uncompressed (transfer-syntax 1.2.840.10008.1.2.1)"
-            )
         try:
             numbers = [int(n) for n in request.match_info["frames"].split(",")]
         except ValueError:
             return _text(400, "frame numbers must be whole numbers separated by commas")
+        if not {ANY_SYNTAX, _EXPLICIT}.intersection(wanted):
+            return _text(406, f"frames are served as stored (*) or as {_EXPLICIT}")
+        as_stored = wanted[0] == ANY_SYNTAX or _EXPLICIT not in wanted
         rec = (await self._records(request))[0]
 
-        def run() -> list[bytes]:
+        def run() -> tuple[list[bytes], str]:
             v = rec.current
-            return frames_of(self.archive.blob(v.hash), v.transfer_syntax, numbers)
+            raw = self.archive.blob(v.hash)
+            return frames_of(raw, v.transfer_syntax, numbers, as_stored=as_stored)
 
         try:
-            frames = await asyncio.to_thread(run)
+            frames, syntax = await asyncio.to_thread(run)
         except IndexError as exc:
             return _text(404, str(exc))
         except TranscodeError as exc:
             return _text(406, str(exc))
         boundary = uuid.uuid4().hex
         body = b"".join(
-            part_header(
-                boundary, "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1", i == 0
-            )
-            + f
+            part_header(boundary, f"application/octet-stream; transfer-syntax={syntax}", i == 0) + f
             for i, f in enumerate(frames)
         ) + closing(boundary, not frames)
         ctype = f'multipart/related; type="application/octet-stream"; boundary={boundary}'

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -153,10 +154,21 @@ def metadata_json(raw: bytes | memoryview, ts: str) -> dict[str, Any]:
     return out
 
 
-def frames_of(raw: bytes | memoryview, ts: str, numbers: Sequence[int]) -> list[bytes]:
-    """The requested frames (1-based) as native little-endian pixel bytes, decoded with the
-    transcoder's handlers when stored compressed (PS3.18 8.7.3.5.3, application/octet-stream
-    with Explicit VR Little Endian). Raises ``TranscodeError`` or ``IndexError``."""
+def frames_of(
+    raw: bytes | memoryview, ts: str, numbers: Sequence[int], *, as_stored: bool = False
+) -> tuple[list[bytes], str]:
+    """The requested frames (1-based) and their transfer syntax (PS3.18 8.7.3.5.3): native
+    little-endian pixel bytes (Explicit VR Little Endian), decoded with the transcoder's
+    handlers when stored compressed; with ``as_stored`` (``transfer-syntax=*``) the stored
+    compressed frame itself when the instance is stored encapsulated. Raises
+    ``TranscodeError`` or ``IndexError``."""
+    if as_stored and UID(ts).is_encapsulated:
+        ds = _read(raw, ts, pixels=True)
+        if "PixelData" not in ds:
+            raise IndexError("the instance has no pixel data")
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        stored = list(generate_frames(ds.PixelData, number_of_frames=count))
+        return [stored[n - 1] for n in _check_numbers(numbers, len(stored))], ts
     native = raw if ts in UNCOMPRESSED and ts != UNCOMPRESSED[2] else None
     if native is None:
         native = transcode(raw, ts, Plan(ExplicitVRLittleEndian))
@@ -170,12 +182,15 @@ def frames_of(raw: bytes | memoryview, ts: str, numbers: Sequence[int]) -> list[
     if bits == 1:
         raise TranscodeError("frames of 1-bit pixel data are not served")
     data = ds.PixelData
-    out = []
+    frames = [bytes(data[(n - 1) * size : n * size]) for n in _check_numbers(numbers, count)]
+    return frames, str(ExplicitVRLittleEndian)
+
+
+def _check_numbers(numbers: Sequence[int], count: int) -> Sequence[int]:
     for n in numbers:
         if not 1 <= n <= count:
             raise IndexError(f"frame {n} out of 1..{count}")
-        out.append(bytes(data[(n - 1) * size : n * size]))
-    return out
+    return numbers
 
 
 class MetadataCache:
