@@ -322,3 +322,15 @@ def test_stow_failures_are_listed(served: Served) -> None:
             f"{served.url}/studies", data=data, headers={"Content-Type": ctype}, timeout=TIMEOUT
         )
         assert r.status_code == 400, (ctype, data, r.status_code, r.text)
+    # a body cut off after a whole part: that part is stored, the rest is one failure
+    third = _copy_with_new_uids(served.files[str(h.SOPInstanceUID)])
+    buf = BytesIO()
+    third.save_as(buf, enforce_file_format=True)
+    body, ctype = _multipart([buf.getvalue()])
+    body = body[: -len("--p2pacs-test-boundary--\r\n")] + b"--p2pacs-test-boundary\r\nbroken"
+    r = requests.post(
+        f"{served.url}/studies", data=body, headers={"Content-Type": ctype}, timeout=TIMEOUT
+    )
+    assert r.status_code == 202, r.text
+    assert served.archive.index.instance(str(third.SOPInstanceUID)) is not None
+    assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]

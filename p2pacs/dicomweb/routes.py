@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -280,14 +280,16 @@ class DicomWeb:
             return _text(415, 'STOW-RS takes multipart/related; type="application/dicom"')
         study = request.match_info.get("study", "")
         base = self._base(request)
-        try:
-            parts = await _read_parts(request)
-        except Exception as exc:  # aiohttp's multipart parser raises several kinds
-            log.warning("STOW-RS body refused: %s: %s", type(exc).__name__, exc)
-            return _text(400, f"unreadable multipart body: {type(exc).__name__}: {exc}")
         results: list[StowResult] = []
-        for data in parts:
-            results.append(await asyncio.to_thread(self._store_one, data, study, base))
+        try:
+            async for data in _parts(request):  # one part in memory at a time
+                results.append(await asyncio.to_thread(self._store_one, data, study, base))
+        except Exception as exc:  # aiohttp's multipart parser raises several kinds
+            log.warning("STOW-RS body cut off: %s: %s", type(exc).__name__, exc)
+            if not results:
+                return _text(400, f"unreadable multipart body: {type(exc).__name__}: {exc}")
+            # what came before stays stored; the unreadable rest is one failure
+            results.append(StowResult("", "", CANNOT_UNDERSTAND))
         if not results:
             return _text(400, "the request holds no instance")
         stored = sum(r.failure is None for r in results)
@@ -327,16 +329,16 @@ class DicomWeb:
         return StowResult(sop_class, sop, None, url)
 
 
-async def _read_parts(request: web.Request) -> list[bytes]:
-    """The bodies of a multipart/related request's parts (nested multiparts skipped)."""
+async def _parts(request: web.Request) -> AsyncIterator[bytes]:
+    """The bodies of a multipart/related request's parts, one at a time (nested multiparts
+    skipped)."""
     reader = await request.multipart()
-    out: list[bytes] = []
     while True:
         part = await reader.next()
         if part is None:
-            return out
+            return
         if isinstance(part, BodyPartReader):
-            out.append(bytes(await part.read()))
+            yield bytes(await part.read())
 
 
 def _url(base: str, level: Level, row: Any) -> str:
