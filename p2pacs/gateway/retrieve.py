@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -49,6 +50,14 @@ MAX_CONTEXTS = 120  # presentation contexts proposed to a C-MOVE destination (12
 # proposed to a C-MOVE destination beside the stored syntaxes, one context per SOP class, so an
 # uncompressed-only destination still gets every instance (transcoded)
 UNCOMPRESSED_FALLBACK: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass
+class _Refused:
+    """Instances of one retrieve that could not be converted: how many, and the first."""
+
+    count: int = 0
+    first: str = ""
 
 
 class RetrieveHandlers:
@@ -91,7 +100,29 @@ class RetrieveHandlers:
         self, records: list[InstanceRecord], event: evt.Event, sender: Callable[[], Any]
     ) -> Iterator[tuple[int, Any]]:
         """Pending statuses with the instance to send: ``sender()`` is the association the
-        C-STOREs go out on (the requestor's for C-GET, the sub-association for C-MOVE)."""
+        C-STOREs go out on (the requestor's for C-GET, the sub-association for C-MOVE).
+        Instances that cannot be converted are logged one by one at DEBUG and summed up in one
+        warning per retrieve (a peer asking for a large study in a syntax we cannot make must
+        not flood the log)."""
+        refused = _Refused()
+        try:
+            yield from self._each(records, event, sender, refused)
+        finally:
+            if refused.count:
+                log.warning(
+                    "%d instance(s) not sent: no syntax the peer accepted could be made for "
+                    "them (first: %s)",
+                    refused.count,
+                    refused.first,
+                )
+
+    def _each(
+        self,
+        records: list[InstanceRecord],
+        event: evt.Event,
+        sender: Callable[[], Any],
+        refused: _Refused,
+    ) -> Iterator[tuple[int, Any]]:
         for rec in records:
             if event.is_cancelled:
                 yield status.CANCEL, None
@@ -107,9 +138,9 @@ class RetrieveHandlers:
                 # a failed sub-operation, counted and listed (a None would be skipped)
                 yield status.PENDING, UnreadableInstance(rec.sop_class_uid, rec.sop_uid)
                 continue
-            yield status.PENDING, self._deliverable(stored, sender())
+            yield status.PENDING, self._deliverable(stored, sender(), refused)
 
-    def _deliverable(self, stored: StoredInstance, assoc: Any) -> Dataset:
+    def _deliverable(self, stored: StoredInstance, assoc: Any, refused: _Refused) -> Dataset:
         """``stored`` itself if ``assoc`` accepted its syntax, else a converted copy, else an
         ``UnreadableInstance`` (a counted failure)."""
         ts = str(stored.file_meta.TransferSyntaxUID)
@@ -121,24 +152,22 @@ class RetrieveHandlers:
             return stored
         sop_class, sop_uid = str(stored.SOPClassUID), str(stored.SOPInstanceUID)
         if plan is None:
-            self.not_convertible += 1
-            log.warning(
-                "cannot send %s (stored as %s): the peer accepted %s for its SOP class",
-                sop_uid,
-                ts,
-                ", ".join(accepted) or "no syntax",
-            )
-            return UnreadableInstance(sop_class, sop_uid)
-        try:
-            raw = transcode(stored.p2pacs_raw, ts, plan)
-        except TranscodeError as exc:
-            self.not_convertible += 1
-            log.warning("cannot send %s: %s", sop_uid, exc)
-            return UnreadableInstance(sop_class, sop_uid)
-        self.transcoded += 1
-        log.debug("sending %s converted from %s to %s", sop_uid, ts, plan.target)
-        prefix = build_prefix(sop_class, sop_uid, plan.target)
-        return StoredInstance(sop_class, sop_uid, plan.target, prefix, raw)
+            why = f"the peer accepted {', '.join(accepted) or 'no syntax'} for its SOP class"
+        else:
+            try:
+                raw = transcode(stored.p2pacs_raw, ts, plan)
+            except TranscodeError as exc:
+                why = str(exc)
+            else:
+                self.transcoded += 1
+                log.debug("sending %s converted from %s to %s", sop_uid, ts, plan.target)
+                prefix = build_prefix(sop_class, sop_uid, plan.target)
+                return StoredInstance(sop_class, sop_uid, plan.target, prefix, raw)
+        self.not_convertible += 1
+        refused.count += 1
+        refused.first = refused.first or f"{sop_uid} stored as {ts}: {why}"
+        log.debug("cannot send %s (stored as %s): %s", sop_uid, ts, why)
+        return UnreadableInstance(sop_class, sop_uid)
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         # pynetdicom wants the sub-operation count first; a failure status yielded right after
