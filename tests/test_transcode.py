@@ -209,3 +209,19 @@ def test_choose_target() -> None:
     assert deliverable_for_all(JPEG2000Lossless)
     assert not deliverable_for_all(JPEGBaseline8Bit)
     assert not deliverable_for_all(JPEG2000)
+
+
+def test_failed_conversions_log_no_tracebacks(
+    pydicom_all_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """pydicom logs a traceback for every plugin that fails to decode; during ``transcode``
+    that is dropped (the error carries pydicom's message), elsewhere it is kept."""
+    path = next(p for p in pydicom_all_files if p.name == "JPEG-lossy.dcm")
+    part = split_part10(path.read_bytes())
+    with caplog.at_level("DEBUG", logger="pydicom"):
+        with pytest.raises(TranscodeError, match="12-bit precision"):
+            transcode(part.dataset, part.transfer_syntax, Plan(ExplicitVRLittleEndian))
+        assert not [r for r in caplog.records if r.name.startswith("pydicom.pixels")]
+        with pytest.raises(RuntimeError):
+            _read(path).pixel_array  # noqa: B018
+        assert [r for r in caplog.records if r.name.startswith("pydicom.pixels")]

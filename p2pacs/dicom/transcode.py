@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
 import zlib
 from collections.abc import Iterable, Sequence
@@ -121,6 +122,23 @@ _ENCODING_PLUGIN: dict[str, str] = {
 _SWAP_WIDTH = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 
 
+_converting = threading.local()  # set while this thread runs ``transcode``
+
+
+class _QuietWhileConverting(logging.Filter):
+    """Drops the tracebacks pydicom's pixel handlers log for every plugin that fails
+    (``LOGGER.exception``) while ``transcode`` runs on this thread: the failure is raised as a
+    ``TranscodeError`` with pydicom's message, and a peer asking for many instances we cannot
+    convert must not fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_converting, "active", False)
+
+
+for _name in ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base"):
+    logging.getLogger(_name).addFilter(_QuietWhileConverting())
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """How to send one instance: in ``target``; ``lossy`` when that loses information."""
@@ -208,6 +226,7 @@ def transcode(raw: bytes | memoryview, stored: str, plan: Plan) -> bytes:
         and target not in LOSSY_TARGETS
     ):
         raise TranscodeError(f"cannot encode into {target.name}")
+    _converting.active = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about oddities it reads past
@@ -222,6 +241,8 @@ def transcode(raw: bytes | memoryview, stored: str, plan: Plan) -> bytes:
         raise TranscodeError(
             f"cannot convert {UID(stored).name} to {target.name}: {type(exc).__name__}: {exc}"
         ) from exc
+    finally:
+        _converting.active = False
     try:
         validate_dataset(out, target)
     except InvalidDicomError as exc:
