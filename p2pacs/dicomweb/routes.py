@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
 
 from p2pacs import const
 from p2pacs.archive import Archive
@@ -64,6 +64,8 @@ _ROUTES = {  # name -> path pattern (the name says the handler and the level)
     "meta_instance": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/metadata",
     "frames": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/frames/{{frames}}",
 }
+MAX_BOUNDARY = 200  # characters of a multipart boundary we take (RFC 2046: 70)
+MAX_PART = 1 << 32  # bytes of one STOW-RS part held in memory: 4 GiB, far above any instance
 _EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian: native frames
 _PATTERNS = {**_ROUTES, "stow": "/studies", "stow_study": f"/studies/{_STUDY}"}
 # STOW-RS FailureReason values (PS3.4 B.2.3 / PS3.18 10.5.3)
@@ -329,16 +331,33 @@ class DicomWeb:
         return StowResult(sop_class, sop, None, url)
 
 
+class _Reader(MultipartReader):
+    """aiohttp's multipart reader, taking boundaries up to ``MAX_BOUNDARY`` characters: RFC
+    2046 allows 70, aiohttp refuses more, and Orthanc's DICOMweb plugin sends 73."""
+
+    def _get_boundary(self) -> str:
+        boundary = str(self._mimetype.parameters["boundary"])
+        if not 0 < len(boundary) <= MAX_BOUNDARY:
+            raise ValueError(f"boundary of {len(boundary)} characters (1-{MAX_BOUNDARY} taken)")
+        return boundary
+
+
 async def _parts(request: web.Request) -> AsyncIterator[bytes]:
     """The bodies of a multipart/related request's parts, one at a time (nested multiparts
-    skipped)."""
-    reader = await request.multipart()
+    skipped). Read here rather than with ``request.multipart()``, so the size limit is ours
+    (``MAX_PART``), not the root application's ``client_max_size``."""
+    reader = _Reader(request.headers, request.content)
     while True:
         part = await reader.next()
         if part is None:
             return
         if isinstance(part, BodyPartReader):
-            yield bytes(await part.read())
+            data = bytearray()
+            while chunk := await part.read_chunk(1 << 20):
+                data += chunk
+                if len(data) > MAX_PART:
+                    raise ValueError(f"a part is larger than {MAX_PART} bytes")
+            yield bytes(data)
 
 
 def _url(base: str, level: Level, row: Any) -> str:

@@ -4,10 +4,7 @@ that client hides). Real LMDB archive, real files."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -27,6 +24,8 @@ from p2pacs.dicom import split_part10
 from p2pacs.dicomweb import dicomweb_app
 from p2pacs.samples import generate_instances
 
+from interop_peers import serve_app
+
 TIMEOUT = 20.0
 PYDICOM_NAMES = (
     "CT_small.dcm",
@@ -34,36 +33,6 @@ PYDICOM_NAMES = (
     "JPEG2000.dcm",
     "SC_rgb_rle_2frame.dcm",
 )
-
-
-@contextmanager
-def serving(app: web.Application) -> Iterator[str]:
-    """Run ``app`` on 127.0.0.1 port 0 in a thread with its own event loop; yields the base
-    URL, stops the runner and the loop on exit."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    ready = threading.Event()
-    port: list[int] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        port.append(int(runner.addresses[0][1]))
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="dicomweb-test", daemon=True)
-    thread.start()
-    assert ready.wait(TIMEOUT), "the DICOMweb app did not start"
-    try:
-        yield f"http://127.0.0.1:{port[0]}/dicomweb"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
-        loop.close()
 
 
 @dataclass
@@ -94,7 +63,7 @@ def served(
     parent = web.Application()
     parent.add_subapp("/dicomweb", dicomweb_app(archive))
     try:
-        with serving(parent) as url:
+        with serve_app(parent, "/dicomweb") as url:
             yield Served(url, DICOMwebClient(url=url), archive, files, headers)
     finally:
         archive.close()
@@ -256,6 +225,10 @@ def _copy_with_new_uids(path: Path, study: str | None = None) -> pydicom.Dataset
 def test_stow_then_search_and_retrieve(served: Served) -> None:
     _, h = _one(served, "CT_small.dcm")
     new = [_copy_with_new_uids(served.files[str(h.SOPInstanceUID)]) for _ in range(2)]
+    # one of 2 MiB: above aiohttp's default client_max_size (1 MiB) of the parent app
+    big = new[1]
+    big.Rows = big.Columns = 1024
+    big.PixelData = np.arange(1024 * 1024, dtype="<u2").tobytes()
     response = served.client.store_instances(new)
     refs = {str(i.ReferencedSOPInstanceUID) for i in response.ReferencedSOPSequence}
     assert refs == {str(d.SOPInstanceUID) for d in new}
