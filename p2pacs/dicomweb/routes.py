@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -75,6 +76,17 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
 
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 characters
+
+
+def _check_uids(match_info: Mapping[str, str]) -> None:
+    """A UID in the path is one UID: wildcards or a UID list there would match many."""
+    for key in ("study", "series", "instance"):
+        uid = match_info.get(key)
+        if uid is not None and (len(uid) > 64 or not _UID.fullmatch(uid)):
+            raise web.HTTPBadRequest(text=f"{uid[:80]!r} in the path is not a UID\n")
+
+
 def _text(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
@@ -114,6 +126,7 @@ class DicomWeb:
 
     async def _records(self, request: web.Request) -> list[InstanceRecord]:
         m = request.match_info
+        _check_uids(m)
         records = await asyncio.to_thread(
             self._instances, m["study"], m.get("series", ""), m.get("instance", "")
         )
@@ -128,6 +141,7 @@ class DicomWeb:
         level = {"studies": Level.STUDY, "series": Level.SERIES}.get(
             name.rsplit("_", 1)[-1], Level.IMAGE
         )
+        _check_uids(request.match_info)
         fixed = {}
         if "study" in request.match_info:
             fixed["StudyInstanceUID"] = request.match_info["study"]

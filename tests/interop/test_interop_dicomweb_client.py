@@ -172,6 +172,11 @@ def test_wado_unsupported_syntax_is_406_and_missing_is_404(served: Served) -> No
     assert r.status_code == 406 and "none of the accepted" in r.text
     r = requests.get(f"{served.url}/studies/1.2.3.4", timeout=TIMEOUT)
     assert r.status_code == 404
+    for bad in ("*", "1.2*", "1.2\\1.3", "1.2,1.3", "abc"):  # one UID, never a pattern
+        r = requests.get(f"{served.url}/studies/{bad}", timeout=TIMEOUT)
+        assert r.status_code == 400 and "not a UID" in r.text, bad
+        r = requests.get(f"{served.url}/studies/{bad}/series", timeout=TIMEOUT)
+        assert r.status_code == 400, bad
 
 
 def test_metadata(served: Served) -> None:
