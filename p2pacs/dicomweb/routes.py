@@ -142,6 +142,8 @@ class DicomWeb:
             name.rsplit("_", 1)[-1], Level.IMAGE
         )
         _check_uids(request.match_info)
+        if not wants_json(request.headers.get("Accept")):
+            return _text(406, f"search results are served as {DICOM_JSON} only")
         fixed = {}
         if "study" in request.match_info:
             fixed["StudyInstanceUID"] = request.match_info["study"]

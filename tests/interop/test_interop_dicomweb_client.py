@@ -117,6 +117,9 @@ def test_qido_paging_includefield_and_bad_query(served: Served) -> None:
     assert r.status_code == 400 and "NoSuchKey" in r.text
     r = requests.get(f"{served.url}/studies", params={"PatientID": "nobody"}, timeout=TIMEOUT)
     assert r.status_code == 204
+    xml = {"Accept": "multipart/related; type=application/dicom+xml"}
+    r = requests.get(f"{served.url}/studies", headers=xml, timeout=TIMEOUT)
+    assert r.status_code == 406
 
 
 def test_wado_instance_explicit_vr_le_has_the_same_pixels(served: Served) -> None:
