@@ -211,28 +211,45 @@ class DicomWeb:
             }
         )
         await resp.prepare(request)
+
+        def fetch(i: int) -> asyncio.Task[tuple[bytes, bytes]] | None:
+            if i >= len(records):
+                return None
+            rec = records[i]
+            return asyncio.create_task(asyncio.to_thread(self._part10, rec, plans[rec.sop_uid]))
+
         first = True
-        for rec in records:
-            plan = plans[rec.sop_uid]
-            try:
-                data = await asyncio.to_thread(self._part10, rec, plan)
-            except P2PacsError as exc:  # logged and left out: the headers are already sent
-                log.error("WADO-RS: %s left out: %s", rec.sop_uid, exc)
-                continue
-            ctype = f"application/dicom; transfer-syntax={plan.target}"
-            await resp.write(part_header(boundary, ctype, first) + data)
-            first = False
+        ahead = fetch(0)  # the next instance is read while this one is written
+        try:
+            for i, rec in enumerate(records):
+                current, ahead = ahead, fetch(i + 1)
+                assert current is not None
+                try:
+                    prefix, data = await current
+                except P2PacsError as exc:  # logged and left out: the headers are already sent
+                    log.error("WADO-RS: %s left out: %s", rec.sop_uid, exc)
+                    continue
+                ctype = f"application/dicom; transfer-syntax={plans[rec.sop_uid].target}"
+                await resp.write(part_header(boundary, ctype, first) + prefix)
+                await resp.write(data)  # the blob itself, not copied into a part
+                first = False
+        finally:
+            if ahead is not None:  # the client went away: the read in flight is not needed
+                ahead.cancel()
         await resp.write(closing(boundary, first))
         await resp.write_eof()
         return resp
 
-    def _part10(self, rec: InstanceRecord, plan: Any) -> bytes:
-        """The instance as a Part-10 file in ``plan.target`` (a worker thread)."""
+    def _part10(self, rec: InstanceRecord, plan: Any) -> tuple[bytes, bytes]:
+        """The instance as a Part-10 file in ``plan.target``: (file meta, dataset), read in a
+        worker thread."""
         v = rec.current
         raw = self.archive.blob(v.hash)
         if plan.as_stored(v.transfer_syntax):
-            return v.prefix + raw if v.prefix else _with_meta(rec, v.transfer_syntax, raw)
-        return _with_meta(rec, plan.target, transcode(raw, v.transfer_syntax, plan))
+            prefix = v.prefix or build_prefix(rec.sop_class_uid, rec.sop_uid, v.transfer_syntax)
+            return prefix, raw
+        converted = transcode(raw, v.transfer_syntax, plan)
+        return build_prefix(rec.sop_class_uid, rec.sop_uid, plan.target), converted
 
     async def metadata(self, request: web.Request) -> web.StreamResponse:
         if not wants_json(request.headers.get("Accept")):
@@ -384,10 +401,6 @@ def _url(base: str, level: Level, row: Any) -> str:
     if level == Level.IMAGE:
         url += f"/instances/{row.get('SOPInstanceUID', '')}"
     return url
-
-
-def _with_meta(rec: InstanceRecord, ts: str, raw: bytes) -> bytes:
-    return build_prefix(rec.sop_class_uid, rec.sop_uid, ts) + raw
 
 
 def _iter_routes(handlers: DicomWeb) -> Iterator[web.RouteDef]:
