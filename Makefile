@@ -32,6 +32,7 @@ debs:
 	@missing=""; \
 	[ -x /usr/bin/storescu ] || missing="$$missing dcmtk"; \
 	[ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
 	[ -x /usr/bin/rsync ] || missing="$$missing rsync"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \

@@ -75,6 +75,10 @@ class DicomConfig:
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty: accept any calling AE
     destinations: dict[str, str] = field(default_factory=dict)  # C-MOVE AE title -> "host:port"
     network_timeout: float = 60.0  # seconds of silence before an association is dropped
+    # C-GET/C-MOVE: when a peer accepted, of what we can encode, only a lossy syntax (JPEG
+    # 2000), send it lossy-compressed copies (off: such a sub-operation fails). Stored bytes
+    # never change either way.
+    lossy_transcoding: bool = False
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ __all__ = [
     "ReplicationError",
     "StoreError",
     "StoreFullError",
+    "TranscodeError",
     "TransferError",
     "WebError",
 ]
@@ -64,6 +65,11 @@ class InvalidDicomError(P2PacsError):
 class MalformedDatasetError(InvalidDicomError):
     """The dataset is not structurally whole (an element, item or delimiter is cut short, runs
     past its container or is missing); the message says at which byte and tag it broke."""
+
+
+class TranscodeError(P2PacsError):
+    """An instance cannot be converted to the transfer syntax asked for (no codec for its
+    pixel data, an encoder that cannot hold the image, data the decoder refuses)."""
 
 
 class DicomIndexError(P2PacsError):

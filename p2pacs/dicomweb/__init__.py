@@ -1,0 +1,8 @@
+"""DICOMweb (PS3.18): QIDO-RS, WADO-RS and STOW-RS over an ``Archive``, as an aiohttp
+application for the site's web server to mount (``dicomweb_app``); see docs/dicomweb.md."""
+
+from __future__ import annotations
+
+from p2pacs.dicomweb.routes import Ingest, dicomweb_app
+
+__all__ = ["Ingest", "dicomweb_app"]
