@@ -14,6 +14,7 @@ keep their previous manifest hash, so a recovering site never advertises that it
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -104,6 +105,10 @@ class Publisher:
 
         entries, changed = await asyncio.to_thread(scan)
         self.entries = {**entries, **self.entries}
+        # one entry object per study held, alive for the whole run: out of the cyclic garbage
+        # collector's reach, or each full collection walks them all while holding the GIL (a
+        # stall of the event loop that grows with the archive)
+        gc.freeze()
         async with self._tree:
             root = await asyncio.to_thread(self.store.root, self.store.own)
             if root == cattree.EMPTY and entries:  # published before the tree existed here
