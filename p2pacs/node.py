@@ -164,6 +164,9 @@ class SiteNode:
             "bytes": stored,
             "hashed_bytes": hashed_bytes(),  # by this process since it started
             "federation": None,
+            "store_backend": self.site.config.store.backend,
+            # reachable, since, last error and request counts; None on a site with no object store
+            "object_store": archive.blobs.objects.health() if archive.blobs.objects else None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
         if fed is not None and healer is not None and recovery is not None:

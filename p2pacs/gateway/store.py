@@ -14,7 +14,12 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from p2pacs import const
 from p2pacs.archive import Archive
-from p2pacs.errors import InvalidDicomError, P2PacsError, StoreFullError
+from p2pacs.errors import (
+    InvalidDicomError,
+    ObjectStoreUnavailableError,
+    P2PacsError,
+    StoreFullError,
+)
 from p2pacs.gateway import status
 
 __all__ = ["StoreHandler"]
@@ -41,6 +46,9 @@ class StoreHandler:
             return status.MALFORMED_DATASET
         except StoreFullError as exc:
             log.error("C-STORE refused, archive full: %s", exc)
+            return status.OUT_OF_RESOURCES
+        except ObjectStoreUnavailableError as exc:  # transient: the sender should retry later
+            log.error("C-STORE refused, object store unreachable: %s", exc)
             return status.OUT_OF_RESOURCES
         except P2PacsError as exc:
             log.error("C-STORE failed: %s", exc)
