@@ -42,3 +42,4 @@ OBJECT_POOL = 32  # connections kept to the object store (parallel C-STORE assoc
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes: larger instances go up in parts of this size
 ORPHAN_GRACE = 3600.0  # seconds an unindexed object is left alone by the sweep (a PUT whose
 # index commit is still on its way must never be swept)
+ORPHAN_SWEEP_INTERVAL = 6 * 3600.0  # seconds between sweeps of orphan objects by a running site

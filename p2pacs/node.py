@@ -8,6 +8,7 @@ cleanly on SIGTERM/SIGINT and a test can start a site in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 
 from p2pacs import __version__
 from p2pacs.archive import Archive
-from p2pacs.const import STATUS_SCHEMA
+from p2pacs.const import ORPHAN_GRACE, ORPHAN_SWEEP_INTERVAL, STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
@@ -51,6 +52,8 @@ class SiteNode:
         self.healer: Healer | None = None
         self.recovery: Recovery | None = None
         self.started = time.time()
+        self._sweeper: asyncio.Task[None] | None = None  # orphan objects (store.backend "s3")
+        self._stopping = False
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -73,7 +76,25 @@ class SiteNode:
         log.info("gateway listening on %s:%d as %s", host, port, self.site.config.dicom.ae_title)
         if enrolled:
             await self._start_federation()
+        if archive.blobs.objects is not None:
+            self._sweeper = asyncio.create_task(self._sweep_orphans(), name="orphan-sweep")
         self._write_runfile()
+
+    async def _sweep_orphans(self) -> None:
+        """Remove objects a crash left between their PUT and their index commit, at start and
+        then every ``ORPHAN_SWEEP_INTERVAL`` (on a thread: it lists the whole bucket prefix)."""
+        assert self.archive is not None
+        blobs = self.archive.blobs
+        while not self._stopping:
+            try:
+                removed = await asyncio.to_thread(
+                    blobs.sweep_objects, ORPHAN_GRACE, lambda: self._stopping
+                )
+                if removed:
+                    log.warning("removed %d orphan objects from the object store", removed)
+            except P2PacsError as exc:
+                log.error("orphan sweep of the object store failed: %s", exc)
+            await asyncio.sleep(ORPHAN_SWEEP_INTERVAL)
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -180,6 +201,12 @@ class SiteNode:
 
     async def stop(self) -> None:
         self.runfile.unlink(missing_ok=True)
+        self._stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper  # a sweep under way stops at its next object
+            self._sweeper = None
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None

@@ -8,6 +8,7 @@ parts (a volume server, the gateway) and restart them, as an operator's cluster 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -224,10 +225,8 @@ class SeaweedCluster:
         """Create bucket ``name`` and wait until it takes writes: each bucket is a SeaweedFS
         collection whose volumes grow on its first write (seconds; use few buckets)."""
         client = self.client()
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -25,6 +25,7 @@ from p2pacs.cli import (
     healing_cmds,
     node_cmds,
     serve_cmds,
+    store_cmds,
 )
 from p2pacs.cli.common import CommandError
 from p2pacs.errors import P2PacsError
@@ -41,6 +42,7 @@ _GROUPS = [
     doctor_cmds,
     healing_cmds,
     demo_cmds,
+    store_cmds,
 ]
 
 

@@ -28,7 +28,7 @@ import boto3
 import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from p2pacs import const
 from p2pacs.config import StoreConfig
@@ -171,6 +171,12 @@ class S3ObjectStore:
             result = fn()
         except ClientError as exc:
             raise self._client_error(what, key, exc) from exc
+        except NoCredentialsError as exc:
+            raise StoreError(
+                f"no credentials for the object store {self.endpoint}: set "
+                "store.s3_credentials_file (a 0600 TOML file) or AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY in the site's environment"
+            ) from exc
         except _STREAM_ERRORS as exc:
             self._mark(False, type(exc).__name__)
             raise ObjectStoreUnavailableError(

@@ -1,20 +1,17 @@
 """A real SeaweedFS cluster (one master, three volume servers, filer, S3 gateway, replication
-001) started once per test module on loopback, and S3 settings for one bucket per test."""
+001) started once per test module on loopback; each test uses its own key prefix."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from p2pacs.config import StoreConfig
 from p2pacs.samples import generate_instances
 from p2pacs.seaweed import SeaweedCluster, weed_binary
 
-_prefixes = itertools.count()
-BUCKET = "p2pacs-test"  # one bucket per cluster: each new bucket grows its own volumes
+from s3_helpers import BUCKET
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +21,6 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedCluster
     with SeaweedCluster(tmp_path_factory.mktemp("seaweed")) as cluster:
         cluster.bucket(BUCKET)
         yield cluster
-
-
-def s3_settings(cluster: SeaweedCluster, **changes: object) -> StoreConfig:
-    """``[store]`` settings for a fresh key prefix on ``cluster`` (any key works: no S3 auth)."""
-    st = StoreConfig(
-        backend="s3",
-        s3_endpoint=cluster.endpoint,
-        s3_bucket=BUCKET,
-        s3_prefix=f"site{next(_prefixes)}/",
-    )
-    for key, value in changes.items():
-        setattr(st, key, value)
-    return st
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from p2pacs.seaweed import SeaweedCluster
 from p2pacs.store import BlobStore, SiteDB, hash_bytes, object_key
 from p2pacs.store.s3 import S3ObjectStore, load_credentials
 
-from conftest import s3_settings
+from s3_helpers import s3_settings
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +205,9 @@ def test_credentials_file_must_be_private(tmp_path: Path) -> None:
     path.write_text('access_key_id = "AK"\n')
     with pytest.raises(ConfigError, match="secret_access_key"):
         load_credentials(path)
-    store = S3ObjectStore(StoreConfig(s3_bucket="b", s3_endpoint="http://127.0.0.1:1"), ("AK", "SK"))
+    store = S3ObjectStore(
+        StoreConfig(s3_bucket="b", s3_endpoint="http://127.0.0.1:1"), ("AK", "SK")
+    )
     assert "SK" not in repr(store) and "SK" not in str(store.health())
 
 
