@@ -160,7 +160,11 @@ class SeaweedCluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.root,
-            env={**os.environ, "GOMAXPROCS": "2"},
+            # no AWS_* variables: the gateway would take them as its only identity
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                "GOMAXPROCS": "2",
+            },
         )
         logf.close()
         deadline = time.monotonic() + timeout

@@ -39,7 +39,7 @@ from p2pacs.errors import (
     StoreError,
 )
 
-__all__ = ["S3ObjectStore", "load_credentials", "open_object_store"]
+__all__ = ["S3ObjectStore", "boto_config", "load_credentials", "open_object_store"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,26 @@ def open_object_store(st: StoreConfig, site_dir: Path) -> S3ObjectStore | None:
     return S3ObjectStore(st, creds)
 
 
+def boto_config(st: StoreConfig) -> BotoConfig:
+    """The botocore settings of a site's client (``bench/object_store.py`` uses them too).
+
+    No CRC32 of every body (botocore's default since 1.36): it costs CPU on each PUT and GET,
+    while every byte read back is BLAKE3-checked against its address anyway (a bad PUT is found
+    at the first read or scrub and repaired from a peer), and TLS protects it on the wire."""
+    return BotoConfig(
+        region_name=st.s3_region,
+        signature_version="s3v4",
+        s3={"addressing_style": st.s3_addressing},
+        retries={"mode": "standard", "max_attempts": const.OBJECT_MAX_ATTEMPTS},
+        connect_timeout=const.OBJECT_CONNECT_TIMEOUT,
+        read_timeout=const.OBJECT_READ_TIMEOUT,
+        max_pool_connections=const.OBJECT_POOL,
+        tcp_keepalive=True,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
 class S3ObjectStore:
     """``ObjectStore`` on one bucket of an S3-compatible service."""
 
@@ -99,16 +119,7 @@ class S3ObjectStore:
         verify: bool | str = st.s3_verify_tls
         if st.s3_verify_tls and st.s3_ca_bundle:
             verify = st.s3_ca_bundle
-        config = BotoConfig(
-            region_name=st.s3_region,
-            signature_version="s3v4",
-            s3={"addressing_style": st.s3_addressing},
-            retries={"mode": "standard", "max_attempts": const.OBJECT_MAX_ATTEMPTS},
-            connect_timeout=const.OBJECT_CONNECT_TIMEOUT,
-            read_timeout=const.OBJECT_READ_TIMEOUT,
-            max_pool_connections=const.OBJECT_POOL,
-            tcp_keepalive=True,
-        )
+        config = boto_config(st)
         keys: dict[str, str] = {}
         if credentials is not None:
             keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
