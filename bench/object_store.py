@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,12 +135,13 @@ def client_rates(cluster: SeaweedCluster, blobs: list[bytes], workers: int) -> d
 
     rates: dict[str, float] = {}
     # twice each, alternating, best kept: the machine is shared and SeaweedFS warms up
+    runs: list[tuple[str, Callable[[], float]]] = [
+        ("boto3_threads", lambda: parallel_puts(boto_put, blobs, workers)),
+        ("obstore_threads", lambda: parallel_puts(ob_put, blobs, workers)),
+        ("obstore_async", lambda: asyncio.run(ob_async())),
+    ]
     for _ in range(2):
-        for name, run in (
-            ("boto3_threads", lambda: parallel_puts(boto_put, blobs, workers)),
-            ("obstore_threads", lambda: parallel_puts(ob_put, blobs, workers)),
-            ("obstore_async", lambda: asyncio.run(ob_async())),
-        ):
+        for name, run in runs:
             own, weed = time.process_time(), weed_cpu(cluster)
             rate = run()
             if rate > rates.get(name, 0.0):
@@ -151,7 +152,7 @@ def client_rates(cluster: SeaweedCluster, blobs: list[bytes], workers: int) -> d
 
 
 def serve_site(
-    root: Path, name: str, store: dict[str, object]
+    root: Path, name: str, store: Mapping[str, object]
 ) -> tuple[Site, subprocess.Popen[bytes], int]:
     path = root / name
     site = Site.init(path)
@@ -208,7 +209,7 @@ def ingest_rate(
     root: Path,
     cluster: SeaweedCluster,
     name: str,
-    store: dict[str, object],
+    store: Mapping[str, object],
     files: list[Path],
     *,
     associations: int,

@@ -440,11 +440,11 @@ class BlobStore:
         return removed
 
     def move(self, h: str, to_objects: bool) -> bool:
-        """Move one blob's bytes between LMDB and the object store, verified on the way (its
-        hash is checked as it is read; a corrupt blob raises ``CorruptBlobError`` and stays
-        put). False when it is already there. The entry switches in one transaction; the old
-        copy goes after, so a crash at any point leaves the blob readable (and at most an
-        orphan object for ``sweep_objects``)."""
+        """Move one blob's bytes between LMDB and the object store, verified: hash-checked as
+        read at the source, and read back and re-hashed at the destination before the old
+        copy is dropped (a blob that fails either check raises ``CorruptBlobError`` and stays
+        where it was). False when it is already there. The entry switches in one transaction,
+        so a crash at any point leaves the blob readable (and at most an orphan object)."""
         info = self.info(h)
         if info.in_objects == to_objects:
             return False
@@ -455,7 +455,12 @@ class BlobStore:
             with self._inflight_lock:
                 self._inflight[h] += 1
             try:
-                objects.put(object_key(objects.prefix, h), data)
+                objects.put(self._key(h), data)
+                hasher = new_hasher()
+                for piece in objects.read_range(self._key(h), 0, info.size):
+                    hasher.update(piece)
+                if hasher.hexdigest() != h:
+                    raise CorruptBlobError(f"blob {h[:16]} reads back wrong from the object store")
 
                 def switch(txn: lmdb.Transaction) -> None:
                     raw = txn.get(digest, db=self._blobs)
@@ -478,6 +483,16 @@ class BlobStore:
             self.write_in(txn, h, data)
 
         self._db.write(back, weight=info.size)
+        if not self.verify_blob(h):  # read back from LMDB: point at the object again
+
+            def undo(txn: lmdb.Transaction) -> None:
+                size, chunk_size = info.size, self.chunk_size
+                for i in range(max(1, -(-size // chunk_size))):
+                    txn.delete(_chunk_key(digest, i), db=self._chunks)
+                txn.put(digest, _ENTRY.pack(size, IN_OBJECTS), db=self._blobs)
+
+            self._db.write(undo)
+            raise CorruptBlobError(f"blob {h[:16]} reads back wrong from LMDB; left in place")
         self._drop_object(h)
         return True
 

@@ -22,4 +22,3 @@ def s3_settings(cluster: SeaweedCluster, **changes: object) -> StoreConfig:
     for key, value in changes.items():
         setattr(st, key, value)
     return st
-
