@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import resource
@@ -82,9 +83,19 @@ def datasets(files: list[Path]) -> list[bytes]:
     return [bytes(split_part10(p.read_bytes()).dataset) for p in files]
 
 
+_runs = itertools.count()
+
+
+def fresh_keys(blobs: list[bytes]) -> list[str]:
+    """Keys as p2pacs makes them, under a prefix no earlier run used: every run writes new
+    objects into new fan-out folders, as a site's ingest does (an overwrite is cheaper)."""
+    prefix = f"ceiling{next(_runs)}/"
+    return [object_key(prefix, hash_bytes(b)) for b in blobs]
+
+
 def parallel_puts(put: Callable[[str, bytes], None], blobs: list[bytes], workers: int) -> float:
     """Objects per second for ``put(key, data)`` of every blob from ``workers`` threads."""
-    keys = [object_key("ceiling/", hash_bytes(b)) for b in blobs]
+    keys = fresh_keys(blobs)
     with Timer() as t, ThreadPoolExecutor(workers) as pool:
         list(pool.map(put, keys, blobs))
     return len(blobs) / t.seconds
@@ -120,17 +131,18 @@ def client_rates(cluster: SeaweedCluster, blobs: list[bytes], workers: int) -> d
         boto.put_object(Bucket=BUCKET, Key=key, Body=data)
 
     def ob_put(key: str, data: bytes) -> None:
-        obstore.put(ob, "ob-" + key, data)
+        obstore.put(ob, key, data)
 
     async def ob_async() -> float:
         sem = asyncio.Semaphore(workers)
 
-        async def one(i: int, data: bytes) -> None:
+        async def one(key: str, data: bytes) -> None:
             async with sem:
-                await obstore.put_async(ob, f"oba-{i}", data)
+                await obstore.put_async(ob, key, data)
 
+        keys = fresh_keys(blobs)
         with Timer() as t:
-            await asyncio.gather(*(one(i, b) for i, b in enumerate(blobs)))
+            await asyncio.gather(*(one(k, b) for k, b in zip(keys, blobs, strict=True)))
         return len(blobs) / t.seconds
 
     rates: dict[str, float] = {}
