@@ -207,6 +207,10 @@ class S3ObjectStore:
                 "after retries; nothing was stored"
             )
         self._mark(True)  # it answered: the store is up, the request was wrong
+        if code == "NoSuchBucket":  # a configuration problem, never a reason to "repair"
+            return StoreError(
+                f"bucket {self.bucket} does not exist at {self.endpoint}: check store.s3_bucket"
+            )
         if code in _MISSING_CODES or status in (404, 416):
             return CorruptBlobError(
                 f"object {key} is missing from bucket {self.bucket} ({code or status}); "

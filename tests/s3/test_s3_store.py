@@ -18,6 +18,7 @@ from p2pacs.errors import (
     CorruptBlobError,
     IntegrityError,
     ObjectStoreUnavailableError,
+    StoreError,
 )
 from p2pacs.seaweed import SeaweedCluster
 from p2pacs.store import BlobStore, SiteDB, hash_bytes, object_key
@@ -192,6 +193,17 @@ def test_outage_fails_fast_and_recovers_by_itself(
             time.sleep(const.OBJECT_PROBE_INTERVAL)
     assert store.get(h) == data
     assert store.objects.health()["reachable"]
+
+
+def test_a_missing_bucket_is_not_corruption(seaweed: SeaweedCluster, tmp_path: Path) -> None:
+    """A wrong bucket name must never look like rotten blobs (a repair would drop them)."""
+    objects = _objects(seaweed, s3_bucket="no-such-bucket-here")
+    with pytest.raises(StoreError, match="does not exist") as info:
+        objects.check()
+    assert not isinstance(info.value, CorruptBlobError)
+    with pytest.raises(StoreError, match="does not exist") as info:
+        list(objects.read_range("site/ab/cd/" + "ab" * 32, 0, 10))
+    assert not isinstance(info.value, CorruptBlobError)
 
 
 def test_credentials_file_must_be_private(tmp_path: Path) -> None:
