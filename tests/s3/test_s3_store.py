@@ -22,6 +22,7 @@ from p2pacs.errors import (
 )
 from p2pacs.seaweed import SeaweedCluster
 from p2pacs.store import BlobStore, SiteDB, hash_bytes, object_key
+from p2pacs.store.migrate import migrate
 from p2pacs.store.s3 import S3ObjectStore, load_credentials
 
 from s3_helpers import s3_settings
@@ -160,6 +161,26 @@ def test_move_both_ways_verified(store: BlobStore, s3: S3ObjectStore, tmp_path: 
         assert plain.info(bad).in_objects
         assert _keys(s3) == {object_key(s3.prefix, bad)}
         assert [plain.verify_blob(h) for h in blobs] == [h != bad for h in blobs]
+    finally:
+        db.close()
+
+
+def test_migrate_resumes_where_it_stopped(s3: S3ObjectStore, tmp_path: Path) -> None:
+    """An interrupted migration (half the blobs moved) is finished by running it again."""
+    db = SiteDB(tmp_path / "db")
+    try:
+        plain = BlobStore(db, objects=s3, offload=False, inline_max=INLINE)
+        blobs = [plain.put(os.urandom(20_000 + i)) for i in range(8)]
+        small = plain.put(os.urandom(100))
+        for h in blobs[:4]:
+            plain.move(h, to_objects=True)
+        report = migrate(plain, to_objects=True, workers=3)
+        assert (report.moved, report.already, report.failed) == (4, 5, {})
+        assert all(plain.info(h).in_objects for h in blobs)
+        assert not plain.info(small).in_objects  # small blobs stay in LMDB
+        back = migrate(plain, to_objects=False)
+        assert (back.moved, back.failed) == (8, {})
+        assert _keys(s3) == set() and plain.verify() == []
     finally:
         db.close()
 
