@@ -69,10 +69,10 @@ def bed(tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedCluster) -> It
 @pytest.fixture(scope="module")
 def instances(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Above the 64 KiB inline limit (128 KiB of pixels), so their bytes go to S3:
-    4 studies of 2 series x 10 instances."""
+    5 studies of 2 series x 10 instances."""
     return generate_instances(
         tmp_path_factory.mktemp("s3-instances"),
-        studies=4, series_per_study=2, instances_per_series=10, rows=256, columns=256, seed=17,
+        studies=5, series_per_study=2, instances_per_series=10, rows=256, columns=256, seed=17,
     )  # fmt: skip
 
 
@@ -213,6 +213,36 @@ def test_gateway_stopped_mid_ingest_fails_loudly_and_resumes(
     wait_replicated(clinic, studies, 2)
 
 
+def test_site_killed_mid_ingest_leaves_no_entry_without_bytes(
+    bed: Testbed, seaweed: SeaweedCluster, instances: list[Path]
+) -> None:
+    """SIGKILL between (or during) PUTs and index commits: every indexed blob has its bytes,
+    every acknowledged instance is there, and what is left over is only orphan objects."""
+    clinic = bed[S3_SITE]
+    files = _study(instances, 4)
+    sender = Sender(clinic, files)
+    sender.start()
+    try:
+        assert wait_for(lambda: len(sender.acked) >= 3, 60, 0.02), sender.failures
+        clinic.kill()
+        sender.stop.set()
+        sender.join(60)
+        acked = list(sender.acked)
+        assert len(acked) < len(files), "the ingest ended before the kill"
+        swept = clinic.run_cli("store", "sweep", "--grace", "0")  # the stopped site's orphans
+        assert swept.returncode == 0, swept.stderr.decode()
+    finally:
+        clinic.start()
+    scrub_clean(clinic)  # every entry's bytes are in the bucket and match their hash
+    studies = studies_of(files)
+    assert lost_at(clinic, studies, originals(acked)) == []
+    held = clinic.status()["instances"]  # studies 0, 1, 2 (20 each) and what reached the index
+    assert 3 * 20 + len(acked) <= held <= 3 * 20 + len(files)
+    ingest(clinic, files)  # the modality sends the rest again
+    assert lost_at(clinic, studies, originals(files)) == []
+    wait_replicated(clinic, studies, 2)
+
+
 def test_wiped_s3_site_reads_through_and_recovers_from_lmdb_peer(
     bed: Testbed, seaweed: SeaweedCluster, instances: list[Path]
 ) -> None:
@@ -220,7 +250,7 @@ def test_wiped_s3_site_reads_through_and_recovers_from_lmdb_peer(
     extra = _study(instances, 3)
     ingest(peer, extra)
     wait_replicated(peer, studies_of(extra), 2)
-    held = [p for n in range(4) for p in _study(instances, n)]
+    held = [p for n in range(5) for p in _study(instances, n)]
     studies = studies_of(held)
     wait_replicated(peer, studies, 2)
     clinic.kill()
@@ -243,7 +273,7 @@ def test_migrate_both_ways_verified(
 ) -> None:
     """The LMDB site moves to S3 and the S3 site back, each while stopped, verified by a
     C-GET of everything afterwards."""
-    held = [p for n in range(4) for p in _study(instances, n)]
+    held = [p for n in range(5) for p in _study(instances, n)]
     studies, sent = studies_of(held), originals(held)
     peer, clinic = bed[LMDB_SITE], bed[S3_SITE]
     peer.stop()
