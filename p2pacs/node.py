@@ -53,7 +53,7 @@ class SiteNode:
         self.recovery: Recovery | None = None
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None  # orphan objects (store.backend "s3")
-        self._stopping = False
+        self._stopping = asyncio.Event()
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -85,16 +85,19 @@ class SiteNode:
         then every ``ORPHAN_SWEEP_INTERVAL`` (on a thread: it lists the whole bucket prefix)."""
         assert self.archive is not None
         blobs = self.archive.blobs
-        while not self._stopping:
+        while not self._stopping.is_set():
             try:
                 removed = await asyncio.to_thread(
-                    blobs.sweep_objects, ORPHAN_GRACE, lambda: self._stopping
+                    blobs.sweep_objects, ORPHAN_GRACE, self._stopping.is_set
                 )
                 if removed:
                     log.warning("removed %d orphan objects from the object store", removed)
             except P2PacsError as exc:
                 log.error("orphan sweep of the object store failed: %s", exc)
-            await asyncio.sleep(ORPHAN_SWEEP_INTERVAL)
+            except Exception:  # a background loop logs and tries again; it never dies
+                log.exception("orphan sweep of the object store failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), ORPHAN_SWEEP_INTERVAL)
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -201,11 +204,9 @@ class SiteNode:
 
     async def stop(self) -> None:
         self.runfile.unlink(missing_ok=True)
-        self._stopping = True
+        self._stopping.set()
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper  # a sweep under way stops at its next object
+            await self._sweeper  # a sweep under way stops at its next object, before the close
             self._sweeper = None
         if self.gateway is not None:
             self.gateway.stop()
