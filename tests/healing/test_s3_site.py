@@ -1,8 +1,8 @@
 """S3-backed sites (instance bytes on a real SeaweedFS cluster: one master, three volume
 servers, filer, S3 gateway, replication 001) in a federation with an LMDB-backed site: ingest,
-retrieve, scrub, a rotten object repaired from a peer, a volume server killed and the S3
-gateway stopped mid-ingest with nothing acknowledged lost, read-through and recovery of a wiped
-S3-backed site from the LMDB peer, and migration both ways."""
+retrieve, scrub, a rotten object repaired from a peer, a volume server killed, the S3 gateway
+stopped and the site itself killed mid-ingest with nothing acknowledged lost, read-through and
+recovery of a wiped S3-backed site from the LMDB peer, and migration both ways."""
 
 from __future__ import annotations
 
