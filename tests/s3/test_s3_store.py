@@ -227,6 +227,32 @@ def test_a_missing_bucket_is_not_corruption(seaweed: SeaweedCluster, tmp_path: P
     assert not isinstance(info.value, CorruptBlobError)
 
 
+def test_gateway_answering_5xx_is_unavailable_not_corrupt(
+    seaweed: SeaweedCluster, store: BlobStore
+) -> None:
+    """The filer behind the S3 gateway stopped: the gateway answers with 5xx, which the client
+    retries with backoff, then reports as unavailable (never as a missing, corrupt object)."""
+    kept = os.urandom(100_000)
+    h = store.put(kept)
+    seaweed.stop("filer")
+    try:
+        with pytest.raises(ObjectStoreUnavailableError, match="after retries"):
+            store.put(os.urandom(100_000))
+        with pytest.raises(ObjectStoreUnavailableError):
+            store.get(h)
+        assert store.objects is not None and not store.objects.health()["reachable"]
+    finally:
+        seaweed.start("filer")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert store.get(h) == kept
+            break
+        except ObjectStoreUnavailableError:
+            assert time.monotonic() < deadline, "the store never came back"
+            time.sleep(const.OBJECT_PROBE_INTERVAL)
+
+
 def test_credentials_file_must_be_private(tmp_path: Path) -> None:
     path = tmp_path / "s3.toml"
     path.write_text('access_key_id = "AK"\nsecret_access_key = "very-secret"\n')
