@@ -37,7 +37,7 @@ OBJECT_PROBE_INTERVAL = 1.0  # seconds between attempts while the object store i
 OBJECT_CONNECT_TIMEOUT = 3.0  # seconds to open a connection to the object store
 OBJECT_READ_TIMEOUT = 30.0  # seconds of silence on an open object-store connection
 OBJECT_MAX_ATTEMPTS = 4  # tries per request (botocore "standard" retry: throttling, 5xx, resets,
-# exponential backoff with jitter); the first outage costs ~7 s, then the probe interval rules
+# exponential backoff with jitter); the first outage costs up to ~10 s, then the probe rules
 OBJECT_POOL = 32  # connections kept to the object store (parallel C-STORE associations + fetches)
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes: larger instances go up in parts of this size
 ORPHAN_GRACE = 3600.0  # seconds an unindexed object is left alone by the sweep (a PUT whose
