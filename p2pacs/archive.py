@@ -3,7 +3,9 @@
 An instance is the dataset bytes exactly as received (never decoded or re-encoded), addressed by
 their BLAKE3 hash; its file meta prefix is kept in the index beside the hash. Blob and index entry
 are written in the same LMDB transaction, so an instance is either fully archived or absent, and
-success is reported only after the commit is durable.
+success is reported only after the commit is durable. On a site whose bytes live in an object
+store (``store.backend = "s3"``) the blob is PUT and acknowledged first, then blob entry and index
+entry commit together: success still means both are durable.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from p2pacs.dicom.validate import plain_dataset, validate_dataset
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
 from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
-from p2pacs.store import BlobStore, SiteDB, hash_bytes
+from p2pacs.store import BlobStore, BlobWrite, ObjectStore, SiteDB, hash_bytes
 
 __all__ = ["Archive", "Ingested"]
 
@@ -50,9 +52,20 @@ class Ingested:
 class Archive:
     """Store + index of one site. Thread-safe; one per site directory per process."""
 
-    def __init__(self, db_path: Path, *, map_size: int = const.DEFAULT_MAP_SIZE, sync: bool = True):
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        map_size: int = const.DEFAULT_MAP_SIZE,
+        sync: bool = True,
+        objects: ObjectStore | None = None,
+        offload: bool = False,
+        inline_max: int = const.INLINE_MAX,
+    ):
+        """``objects``/``offload``/``inline_max``: see ``BlobStore`` (the ``[store]`` s3_*
+        settings; ``Site.archive`` passes them)."""
         self.db = SiteDB(db_path, map_size=map_size, sync=sync)
-        self.blobs = BlobStore(self.db)
+        self.blobs = BlobStore(self.db, objects=objects, offload=offload, inline_max=inline_max)
         self.index = DicomIndex(self.db)
         self._listeners: list[Callable[[Ingested], None]] = []
         self._lock = threading.Lock()
@@ -123,20 +136,27 @@ class Archive:
     def _write(
         self, attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview | None
     ) -> Future[Ingested]:
-        """Queue blob (unless stored already) and index entry as one durable write job."""
+        """Queue blob (unless stored already) and index entry as one durable write job; a blob
+        bound for the object store is PUT (acknowledged) here first, on the caller's thread."""
         h = version.hash
+        blob: BlobWrite | None = None
+        if dataset is not None:
+            blob = self.blobs.prepare(h, dataset)
 
         def job(txn: lmdb.Transaction) -> IndexUpdate:
-            if dataset is not None:
-                self.blobs.write_in(txn, h, dataset)
+            if blob is not None:
+                blob.apply(txn)
             elif not self.blobs.has_in(txn, h):
                 raise BlobNotFoundError(f"blob {h} is not stored; it cannot be indexed")
             return self.index.add(txn, attrs, version)
 
-        write = self.db.submit(job, weight=version.size if dataset is not None else 0)
+        weight = version.size if blob is not None and blob.local else 0
+        write = self.db.submit(job, weight=weight)
         result: Future[Ingested] = Future()
 
         def done(fut: Future[IndexUpdate]) -> None:
+            if blob is not None:
+                blob.release()
             exc = fut.exception()
             if exc is not None:
                 result.set_exception(exc)

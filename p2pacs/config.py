@@ -64,6 +64,21 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
 class StoreConfig:
     map_size: int = const.DEFAULT_MAP_SIZE  # bytes of address space for the LMDB map
     sync: bool = True  # fsync every commit; never turn off for clinical data
+    # where instance bytes live (docs/operations.md "Instance bytes on an object store"): "lmdb"
+    # (in the site database) or "s3" (an S3-compatible object store; the index stays in LMDB)
+    backend: str = "lmdb"
+    s3_endpoint: str = ""  # "https://host:port"; empty: AWS's own endpoint for s3_region
+    s3_bucket: str = ""
+    s3_prefix: str = "p2pacs/"  # key prefix; give each site its own when sites share a bucket
+    s3_region: str = "us-east-1"
+    s3_addressing: str = "path"  # "path" (SeaweedFS, MinIO, Ceph RGW), "virtual" (AWS), "auto"
+    s3_verify_tls: bool = True  # never turn off outside a test bench
+    s3_ca_bundle: str = ""  # PEM file of the CA behind the endpoint's certificate; empty: system
+    # TOML file with access_key_id and secret_access_key, mode 0600, relative to the site folder;
+    # empty: the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or instance credentials
+    s3_credentials_file: str = ""
+    s3_inline_max: int = const.INLINE_MAX  # bytes: blobs up to this stay in LMDB
+    s3_multipart_threshold: int = const.MULTIPART_THRESHOLD  # bytes: larger go up in parts
 
 
 @dataclass(slots=True)
@@ -285,6 +300,7 @@ class Config:
                         f"web.port and {key} are both {port}: give them different ports"
                     )
         problems += _audit_problems(self.audit)
+        problems.extend(_store_problems(st))
         return problems
 
     # --- one setting at a time: 'p2pacs config get/set' ---------------------------------------
@@ -340,6 +356,24 @@ def _audit_problems(a: AuditConfig) -> list[str]:
             parse_hostport(rest, 6514 if scheme == "tls" else 514)
         except ConfigError as exc:
             problems.append(f"audit.repositories: {exc}")
+    return problems
+
+
+def _store_problems(st: StoreConfig) -> list[str]:
+    """The object-store settings (``backend = "s3"``) checked."""
+    problems = []
+    if st.backend not in ("lmdb", "s3"):
+        problems.append(f'store.backend = {st.backend!r} must be "lmdb" or "s3"')
+    if st.backend == "s3" and not st.s3_bucket:
+        problems.append('store.backend = "s3" needs store.s3_bucket')
+    if st.s3_addressing not in ("path", "virtual", "auto"):
+        problems.append(f'store.s3_addressing = {st.s3_addressing!r}: "path", "virtual" or "auto"')
+    if st.s3_endpoint and not st.s3_endpoint.startswith(("http://", "https://")):
+        problems.append(f"store.s3_endpoint = {st.s3_endpoint!r} must start with https://")
+    if st.s3_inline_max < 0:
+        problems.append("store.s3_inline_max must be 0 or more bytes")
+    if st.s3_multipart_threshold < 5 << 20:
+        problems.append("store.s3_multipart_threshold must be at least 5 MiB (S3's least part)")
     return problems
 
 

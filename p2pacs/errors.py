@@ -19,6 +19,7 @@ __all__ = [
     "InvalidDicomError",
     "MalformedDatasetError",
     "MembershipError",
+    "ObjectStoreUnavailableError",
     "P2PacsError",
     "PeerUnavailableError",
     "RecoveryError",
@@ -45,6 +46,12 @@ class StoreError(P2PacsError):
 
 class StoreFullError(StoreError):
     """The LMDB map is full; nothing already stored is lost. Raise ``map_size`` in the config."""
+
+
+class ObjectStoreUnavailableError(StoreError):
+    """The object store holding this site's instance bytes does not answer (or answers with
+    5xx or throttling after every retry); nothing was acknowledged. Ingest resumes by itself
+    once it answers again."""
 
 
 class BlobNotFoundError(StoreError, KeyError):

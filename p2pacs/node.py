@@ -8,6 +8,7 @@ cleanly on SIGTERM/SIGINT and a test can start a site in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from cryptography import x509
 from p2pacs import __version__
 from p2pacs.archive import Archive
 from p2pacs.audit import AuditTrail, Local, StudyInfo, TrailSettings
-from p2pacs.const import STATUS_SCHEMA
+from p2pacs.const import ORPHAN_GRACE, ORPHAN_SWEEP_INTERVAL, STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
 from p2pacs.errors import FederationError, P2PacsError
@@ -74,6 +75,8 @@ class SiteNode:
         # more route sets for the web server (e.g. DICOMweb): each is called with the server
         # before it starts and mounts its routes with ``add_routes`` or ``add_app``
         self.web_parts: list[Callable[[WebServer], None]] = []
+        self._sweeper: asyncio.Task[None] | None = None  # orphan objects (store.backend "s3")
+        self._stopping = asyncio.Event()
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -101,6 +104,8 @@ class SiteNode:
             await self._start_federation()
         if self.site.config.web.enabled:
             await self._start_web(archive)
+        if archive.blobs.objects is not None:
+            self._sweeper = asyncio.create_task(self._sweep_orphans(), name="orphan-sweep")
         archive.events.emit(
             Lifecycle("start", self.site.config.federation.name or self.site.path.name)
         )
@@ -159,6 +164,25 @@ class SiteNode:
             return None
         classes = Counter(i.sop_class_uid for i in archive.index.study_instances(study_uid))
         return StudyInfo(str(record.attrs.get("PatientID", "")), tuple(sorted(classes.items())))
+
+    async def _sweep_orphans(self) -> None:
+        """Remove objects a crash left between their PUT and their index commit, at start and
+        then every ``ORPHAN_SWEEP_INTERVAL`` (on a thread: it lists the whole bucket prefix)."""
+        assert self.archive is not None
+        blobs = self.archive.blobs
+        while not self._stopping.is_set():
+            try:
+                removed = await asyncio.to_thread(
+                    blobs.sweep_objects, ORPHAN_GRACE, self._stopping.is_set
+                )
+                if removed:
+                    log.warning("removed %d orphan objects from the object store", removed)
+            except P2PacsError as exc:
+                log.error("orphan sweep of the object store failed: %s", exc)
+            except Exception:  # a background loop logs and tries again; it never dies
+                log.exception("orphan sweep of the object store failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), ORPHAN_SWEEP_INTERVAL)
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -255,6 +279,9 @@ class SiteNode:
             "storage": storage,
             "federation": None,
             "audit": self.audit.snapshot() if self.audit is not None else None,
+            "store_backend": self.site.config.store.backend,
+            # reachable, since, last error and request counts; None on a site with no object store
+            "object_store": archive.blobs.objects.health() if archive.blobs.objects else None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
         if fed is not None and healer is not None and recovery is not None:
@@ -287,6 +314,10 @@ class SiteNode:
         if self.web_status is not None:
             self.web_status.close()
             self.web_status = None
+        self._stopping.set()
+        if self._sweeper is not None:
+            await self._sweeper  # a sweep under way stops at its next object, before the close
+            self._sweeper = None
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
