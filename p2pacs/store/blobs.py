@@ -35,6 +35,7 @@ from p2pacs import const
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, IntegrityError, StoreError
 from p2pacs.store.db import SiteDB
 from p2pacs.store.objects import ObjectStore, hash_of_key, object_key
+from p2pacs.store.totals import Totals
 
 __all__ = ["BlobInfo", "BlobStore", "BlobWrite", "hash_bytes", "hashed_bytes", "new_hasher"]
 
@@ -143,7 +144,7 @@ class BlobWrite:
             return False
         if not self.uploaded:  # it was stored when prepared, and deleted since (a repair)
             raise StoreError(f"blob {self.hash[:16]} was replaced while being stored; send again")
-        txn.put(digest, _ENTRY.pack(len(self._data), IN_OBJECTS), db=self._store._blobs)
+        self._store._put_entry(txn, digest, len(self._data), IN_OBJECTS)
         return True
 
     def release(self, *_: object) -> None:
@@ -176,6 +177,11 @@ class BlobStore:
         self.inline_max = inline_max
         self._inflight: Counter[str] = Counter()  # object PUTs whose entry is not committed yet
         self._inflight_lock = threading.Lock()
+        self._totals = Totals(db.db("blob_totals"))
+        with db.read() as txn:
+            new = self._totals.read(txn) is None and txn.stat(self._blobs)["entries"] == 0
+        if new:  # counted from the first blob on (an older archive is counted once, later)
+            db.write(lambda txn: self._totals.start(txn, 0, 0))
 
     # --- where bytes go -------------------------------------------------------------------------
 
@@ -239,7 +245,7 @@ class BlobStore:
         size = len(view)
         for n, start in enumerate(range(0, max(size, 1), self.chunk_size)):
             txn.put(_chunk_key(digest, n), view[start : start + self.chunk_size], db=self._chunks)
-        txn.put(digest, _ENTRY.pack(size, self.chunk_size), db=self._blobs)
+        self._put_entry(txn, digest, size, self.chunk_size)
         return True
 
     def put(self, data: bytes | memoryview, *, hashed: str | None = None) -> str:
@@ -325,7 +331,7 @@ class BlobStore:
             for i in range(n):
                 if txn.get(_chunk_key(digest, i), db=self._chunks) is None:
                     raise StoreError(f"chunk {i} of {expected} is missing; fetch it again")
-            txn.put(digest, _ENTRY.pack(size, self.chunk_size), db=self._blobs)
+            self._put_entry(txn, digest, size, self.chunk_size)
 
         self._db.write(seal)
         return expected
@@ -361,7 +367,7 @@ class BlobStore:
                 return
             if not write.uploaded:
                 raise StoreError(f"blob {expected[:16]} was replaced while being stored; refetch")
-            txn.put(digest, _ENTRY.pack(size, IN_OBJECTS), db=self._blobs)
+            self._put_entry(txn, digest, size, IN_OBJECTS)
 
         try:
             self._db.write(seal)
@@ -384,11 +390,10 @@ class BlobStore:
         digest = _digest(h)
 
         def job(txn: lmdb.Transaction) -> int | None:
-            raw = txn.get(digest, db=self._blobs)
-            if raw is None:
+            entry = self._delete_entry(txn, digest)
+            if entry is None:
                 return None
-            size, chunk_size = _ENTRY.unpack(raw)
-            txn.delete(digest, db=self._blobs)
+            size, chunk_size = entry
             if chunk_size != IN_OBJECTS:
                 for i in range(max(1, -(-size // chunk_size))):
                     txn.delete(_chunk_key(digest, i), db=self._chunks)
@@ -405,11 +410,10 @@ class BlobStore:
         one transaction. An object store's copy is left to ``sweep_objects`` (no entry names
         it any more), as after a crash between an entry's removal and its object's."""
         digest = _digest(h)
-        raw = txn.get(digest, db=self._blobs)
-        if raw is None:
+        entry = self._delete_entry(txn, digest)
+        if entry is None:
             return False
-        size, chunk_size = _ENTRY.unpack(raw)
-        txn.delete(digest, db=self._blobs)
+        size, chunk_size = entry
         if chunk_size != IN_OBJECTS:
             for i in range(max(1, -(-size // chunk_size))):
                 txn.delete(_chunk_key(digest, i), db=self._chunks)
@@ -482,7 +486,7 @@ class BlobStore:
                     raw = txn.get(digest, db=self._blobs)
                     if raw is None or _ENTRY.unpack(raw)[1] == IN_OBJECTS:
                         return
-                    txn.put(digest, _ENTRY.pack(info.size, IN_OBJECTS), db=self._blobs)
+                    self._put_entry(txn, digest, info.size, IN_OBJECTS)
                     for i in range(info.chunks):
                         txn.delete(_chunk_key(digest, i), db=self._chunks)
 
@@ -495,7 +499,7 @@ class BlobStore:
             raw = txn.get(digest, db=self._blobs)
             if raw is None or _ENTRY.unpack(raw)[1] != IN_OBJECTS:
                 return
-            txn.delete(digest, db=self._blobs)
+            self._delete_entry(txn, digest)
             self.write_in(txn, h, data)
 
         self._db.write(back, weight=info.size)
@@ -505,7 +509,7 @@ class BlobStore:
                 size, chunk_size = info.size, self.chunk_size
                 for i in range(max(1, -(-size // chunk_size))):
                     txn.delete(_chunk_key(digest, i), db=self._chunks)
-                txn.put(digest, _ENTRY.pack(size, IN_OBJECTS), db=self._blobs)
+                self._put_entry(txn, digest, size, IN_OBJECTS)
 
             self._db.write(undo)
             raise CorruptBlobError(f"blob {h[:16]} reads back wrong from LMDB; left in place")
@@ -635,10 +639,43 @@ class BlobStore:
         return bad
 
     def totals(self) -> tuple[int, int]:
-        """(number of blobs, total bytes)."""
-        count = total = 0
+        """(number of blobs, total bytes): two counters kept with every entry written or
+        removed, so ``status`` and every metrics scrape cost the same at any archive size. An
+        archive written before the counters existed is counted once, by the writer."""
         with self._db.read() as txn:
+            found = self._totals.read(txn)
+        if found is not None:
+            return found
+
+        def count(txn: lmdb.Transaction) -> tuple[int, int]:
+            again = self._totals.read(txn)
+            if again is not None:
+                return again
+            blobs = total = 0
             for raw in txn.cursor(db=self._blobs).iternext(keys=False, values=True):
-                count += 1
+                blobs += 1
                 total += _ENTRY.unpack(raw)[0]
-        return count, total
+            self._totals.start(txn, blobs, total)
+            return blobs, total
+
+        return self._db.write(count)
+
+    # --- entries and their counters (write transactions only) -----------------------------------
+
+    def _put_entry(self, txn: lmdb.Transaction, digest: bytes, size: int, where: int) -> None:
+        old = txn.get(digest, db=self._blobs)
+        txn.put(digest, _ENTRY.pack(size, where), db=self._blobs)
+        if old is None:
+            self._totals.add(txn, 1, size)
+        else:
+            self._totals.add(txn, 0, size - _ENTRY.unpack(old)[0])
+
+    def _delete_entry(self, txn: lmdb.Transaction, digest: bytes) -> tuple[int, int] | None:
+        """Remove an entry; its (size, chunk size or IN_OBJECTS), None if there was none."""
+        raw = txn.get(digest, db=self._blobs)
+        if raw is None:
+            return None
+        txn.delete(digest, db=self._blobs)
+        size, where = _ENTRY.unpack(raw)
+        self._totals.add(txn, -1, -size)
+        return int(size), int(where)
