@@ -27,6 +27,7 @@ import msgpack
 from p2pacs.errors import BlobNotFoundError, IntegrityError
 from p2pacs.federation import cattree
 from p2pacs.federation.catalogue import CatalogueEntry, StudyHolding
+from p2pacs.looplag import bulk
 from p2pacs.store import BlobStore, SiteDB
 
 __all__ = ["CatalogueStore", "Committed"]
@@ -154,10 +155,11 @@ class CatalogueStore:
         old = self.root(site_id)
         if old == new_root:
             return Committed(site_id, new_root)
-        d = cattree.diff(self.nodes, old, new_root)
-        step = _NewRoot(site_id, old, new_root, list(d.added), list(d.removed),
-                        [(c.study_uid, c.old, c.new) for c in d.changes])  # fmt: skip
-        return self.db.write(lambda txn: self._commit(txn, step))
+        with bulk():  # a first copy lists every entry: no full collections meanwhile
+            d = cattree.diff(self.nodes, old, new_root)
+            step = _NewRoot(site_id, old, new_root, list(d.added), list(d.removed),
+                            [(c.study_uid, c.old, c.new) for c in d.changes])  # fmt: skip
+            return self.db.write(lambda txn: self._commit(txn, step))
 
     def commit_own(
         self,

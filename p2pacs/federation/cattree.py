@@ -328,7 +328,16 @@ def _diff(source: NodeSource, old: str, new: str, out: TreeDiff) -> None:
         for ca, cb in zip(a.children, b.children, strict=True):
             _diff(source, ca.hash, cb.hash, out)
         return
-    # a leaf against anything: compare the entries below each side (one side is small)
+    if a is None or b is None:  # a subtree appeared or went: every entry below it changed
+        gone = a is not None
+        for e in _all(
+            source, a if gone else b, old if gone else new, out.removed if gone else out.added
+        ):
+            out.changes.append(
+                TreeChange(e.study_uid, e, None) if gone else TreeChange(e.study_uid, None, e)
+            )
+        return
+    # a leaf against a subtree: compare the entries below each side (one side is small)
     left = {e.study_uid: e for e in _all(source, a, old, out.removed)}
     right = {e.study_uid: e for e in _all(source, b, new, out.added)}
     for uid in sorted(left.keys() | right.keys()):

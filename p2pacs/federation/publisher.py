@@ -31,6 +31,7 @@ from p2pacs.federation.catalogue import (
 from p2pacs.federation.catstore import CatalogueStore, Committed, EntryChange
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.manifest import Manifest, build_manifest
+from p2pacs.looplag import bulk
 from p2pacs.store import hash_bytes
 
 __all__ = ["CatalogueNotCopiedError", "Publisher"]
@@ -95,6 +96,10 @@ class Publisher:
         index = self.archive.index
 
         def scan() -> tuple[dict[str, CatalogueEntry], list[str]]:
+            with bulk():
+                return scan_all()
+
+        def scan_all() -> tuple[dict[str, CatalogueEntry], list[str]]:
             entries = self._published.load()
             changed = [
                 s.study_uid

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.publisher import CatalogueNotCopiedError
+from p2pacs.looplag import bulk
 
 __all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
 
@@ -195,6 +197,10 @@ class Recovery:
         held = dict(self.node.publisher.entries)
 
         def plan_and_write() -> list[CatalogueEntry]:
+            with bulk():
+                return plan_and_write_all()
+
+        def plan_and_write_all() -> list[CatalogueEntry]:
             todo = [
                 e
                 for e in cattree.entries(self.node.catalogues.nodes, root)
@@ -206,6 +212,7 @@ class Recovery:
         todo = await asyncio.to_thread(plan_and_write)
         for e in todo:
             self.queue[e.study_uid] = e
+        gc.freeze()  # the queue lives for the recovery: keep full collections off it (publisher)
         return len(todo)
 
     def _complete(self, entry: CatalogueEntry, held: CatalogueEntry | None) -> bool:

@@ -30,6 +30,7 @@ from p2pacs.errors import P2PacsError, ReplicationError, StoreFullError
 from p2pacs.federation.catstore import Committed
 from p2pacs.federation.node import FederationNode
 from p2pacs.healing.placement import RepairPlan, plan_repairs
+from p2pacs.looplag import bulk
 
 __all__ = ["Healer", "HealerStats"]
 
@@ -128,20 +129,25 @@ class Healer:
         store = self.node.catalogues
         if self._everything:
             self._everything = False
-            for batch in await asyncio.to_thread(lambda: list(store.studies(PASS_BATCH))):
+            for batch in await asyncio.to_thread(self._every_study):
                 yield batch
         moved = (live ^ self._live_before) - {self.node.site_id}
         self._live_before = set(live)
         studies, self._dirty = self._dirty | self.under, set()
 
         def of_sites() -> set[str]:
-            return {e.study_uid for site in moved for e in store.entries(site)}
+            with bulk():
+                return {e.study_uid for site in moved for e in store.entries(site)}
 
         if moved:
             studies |= await asyncio.to_thread(of_sites)
         ordered = sorted(studies)
         for i in range(0, len(ordered), PASS_BATCH):
             yield ordered[i : i + PASS_BATCH]
+
+    def _every_study(self) -> list[list[str]]:
+        with bulk():
+            return list(self.node.catalogues.studies(PASS_BATCH))
 
     async def holders_view(
         self, studies: list[str]
