@@ -645,6 +645,10 @@ class FederationNode:
     def _lock(self, study_uid: str) -> asyncio.Lock:
         return self._study_locks.setdefault(study_uid, asyncio.Lock())
 
+    def study_lock(self, study_uid: str) -> asyncio.Lock:
+        """Held while a fetch of the study runs; dropping a surplus copy takes it too."""
+        return self._lock(study_uid)
+
     async def fetch_blob(self, h: str, size: int | None, peers: list[Peer]) -> None:
         """Fetch one blob (manifest, catalogue, instance) from the first holder that has it."""
         assert self.client is not None
