@@ -29,3 +29,8 @@ RECORD_TTL = 48 * 3600.0  # seconds a DHT record lives unless republished (libp2
 DHT_CAPACITY = 4 << 30  # bytes: ~3 M DHT records of ~1.3 KB held for the federation (sparse)
 STATUS_SCHEMA = 1  # "schema" of status's JSON: raised when a field changes meaning or goes
 DEFAULT_WEB_PORT = 11443  # HTTPS status page and /metrics (and later DICOMweb)
+# seconds 'recover' waits, while a wiped site has not found its last site record (no member
+# answers, or none holds it), before it exits 1 saying why (the site keeps looking meanwhile):
+# long enough for a restarting member to answer, short enough for on-call to hear within a minute
+RECOVER_WAIT = 60.0
+RECOVER_NOTICE_EVERY = 5.0  # seconds between 'recover's reminders of what it is waiting for

@@ -477,6 +477,11 @@ class FederationNode:
         if fresh:
             await self._bootstrap(fresh)
 
+    def bootstrap_addresses(self) -> list[tuple[str, int]]:
+        """Where this site looks for the federation: ``[federation] bootstrap``, then the
+        members it knows (``recover`` names them when nobody answers)."""
+        return self._bootstrap_addresses()
+
     def _bootstrap_addresses(self) -> list[tuple[str, int]]:
         addrs = [parse_hostport(b, self.config.dht_port) for b in self.config.bootstrap]
         return addrs + [(m.record.host, m.record.dht_port) for m in self.members]
