@@ -14,7 +14,9 @@ ends up holding everything. A site drops its copy of a study only when all of th
   ``updated``), it is not queued for recovery or repair, and no pull of it runs (the study
   lock that fetches hold is held while dropping);
 - at the moment of dropping, at least R other live sites' manifests (from this site's copies
-  of their catalogue trees) list every version this site holds.
+  of their catalogue trees) list every version this site holds, and those sites answer that
+  they store every one of its blobs (``/v1/blobs/have``): a catalogue alone is not enough, as a
+  wiped member still recovering keeps listing the studies it has not got back.
 
 The study's index entries, its instance blobs and its entry in this site's catalogue tree go in
 one LMDB transaction (``Publisher.remove`` + ``Archive.drop_study_in``); a version that
@@ -32,6 +34,8 @@ from collections.abc import Callable, Mapping
 from p2pacs.errors import P2PacsError, TrimRefusedError
 from p2pacs.federation.node import FederationNode
 from p2pacs.healing.placement import plan_trims
+from p2pacs.transfer.client import Peer
+from p2pacs.transfer.server import MAX_HAVE
 
 __all__ = ["Trimmer"]
 
@@ -161,6 +165,25 @@ class Trimmer:
                 manifest = await node.fetch_manifest(holding.manifest_hash, peers)
             except P2PacsError:
                 continue
-            if versions <= {(e.sop_uid, e.hash) for e in manifest.entries}:
+            if not versions <= {(e.sop_uid, e.hash) for e in manifest.entries}:
+                continue
+            if await self._has_blobs(node.peer_of(member), {h for _, h in versions}):
                 out.append(member.name)
         return out
+
+    async def _has_blobs(self, peer: Peer, hashes: set[str]) -> bool:
+        """Whether ``peer`` answers that it stores every blob now. Its catalogue alone does
+        not say so: a wiped member recovering keeps listing the studies it has not got back."""
+        client = self.node.client
+        if client is None:
+            return False
+        ordered = sorted(hashes)
+        for i in range(0, len(ordered), MAX_HAVE):
+            part = ordered[i : i + MAX_HAVE]
+            try:
+                held = await client.have(peer, part)
+            except (P2PacsError, OSError, TimeoutError):
+                return False
+            if not held >= set(part):
+                return False
+        return True
