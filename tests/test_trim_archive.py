@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from p2pacs.archive import Archive
@@ -91,4 +92,30 @@ def test_a_version_not_checked_elsewhere_keeps_the_study(
     out = archive.export_study(uid, tmp_path / "kept")
     assert b"".join(p.read_bytes() for p in out) == exported[uid]
     assert archive.index.counts()[:2] == (3, 3)
+    archive.close()
+
+
+def test_a_patient_with_another_study_stays(tmp_path: Path) -> None:
+    files = generate_instances(
+        tmp_path / "in", studies=2, series_per_study=1, instances_per_series=2,
+        rows=16, columns=16, seed=9,
+    )  # fmt: skip
+    first = pydicom.dcmread(files[0])
+    for path in files:  # both studies for one patient
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = first.PatientID, first.PatientName
+        ds.save_as(path)
+    archive = Archive(tmp_path / "db")
+    for f in files:
+        archive.import_file(f)
+    gone, kept = sorted(s.study_uid for s in archive.index.studies())
+    query = {"PatientID": str(first.PatientID)}
+    archive.db.write(lambda txn: archive.drop_study_in(txn, gone, _versions(archive, gone)))
+    patients = list(archive.index.find(Level.PATIENT, query))
+    assert len(patients) == 1
+    found = list(archive.index.find(Level.STUDY, {**query, "StudyInstanceUID": ""}))
+    assert [r["StudyInstanceUID"] for r in found] == [kept]
+    archive.db.write(lambda txn: archive.drop_study_in(txn, kept, _versions(archive, kept)))
+    assert list(archive.index.find(Level.PATIENT, query)) == []
+    assert archive.index.counts() == (0, 0, 0)
     archive.close()

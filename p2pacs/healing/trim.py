@@ -41,6 +41,9 @@ __all__ = ["Trimmer"]
 
 log = logging.getLogger(__name__)
 
+TRIMS_PER_PASS = 200  # copies one anti-entropy pass may drop; the rest stay due for the next
+# (repair shares the pass: after a long outage thousands fall due at once)
+
 
 class Trimmer:
     """Tracks this site's surplus copies and drops them when they are due."""
@@ -54,6 +57,7 @@ class Trimmer:
         self.all_up_since: float | None = time.time()  # None while a member is down
         self.trimmed = 0
         self.bytes_trimmed = 0
+        self._budget = TRIMS_PER_PASS
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +65,7 @@ class Trimmer:
 
     def observe(self, now: float) -> None:
         """Before each pass: note whether every known member is up."""
+        self._budget = TRIMS_PER_PASS
         down_after = self.node.config.down_after
         if any(not m.is_up(down_after, now) for m in self.node.members):
             self.all_up_since = None
@@ -69,10 +74,13 @@ class Trimmer:
 
     def due(self, now: float) -> set[str]:
         """Surplus studies whose grace period has run out: looked at again by this pass."""
-        if not self.enabled or self.all_up_since is None:
-            return set()
-        start = self.all_up_since
-        return {uid for uid, t in self.since.items() if now - max(t, start) >= self.grace}
+        return {uid for uid in self.since if self._due(uid, now)}
+
+    def _due(self, uid: str, now: float) -> bool:
+        start, since = self.all_up_since, self.since.get(uid)
+        if not self.enabled or start is None or since is None:
+            return False
+        return now - max(since, start) >= self.grace
 
     async def consider(
         self,
@@ -92,7 +100,10 @@ class Trimmer:
                 self.since.pop(uid, None)
         for uid in sorted(surplus):
             self.since.setdefault(uid, now)
-        for uid in sorted(surplus & self.due(now)):
+        for uid in sorted(u for u in surplus if self._due(u, now)):
+            if self._budget <= 0:
+                return
+            self._budget -= 1
             others = (complete[uid] & live) - {me}
             try:
                 await self._trim(uid, others)

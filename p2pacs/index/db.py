@@ -336,15 +336,19 @@ class DicomIndex:
         self._secondary.delete(txn, MODALITY_INDEX, modality_keys(study["m"], None), key)
         self._secondary.update(txn, STUDY_INDEXES, study["a"], {}, key)
         txn.delete(key, db=self._study)
-        pkey = _patient_key(str(study["a"].get("PatientID", "")))
-        patient = _unpack(txn.get(pkey, db=self._patient))
-        if patient is not None:
+        # the patient it was linked to: by its PatientID, or the anonymous one when its first
+        # instance had none (a PatientID seen later fills in the study, not the link)
+        for pkey in dict.fromkeys((_patient_key(str(study["a"].get("PatientID", ""))), b"P")):
+            patient = _unpack(txn.get(pkey, db=self._patient))
+            if patient is None or study_uid not in patient["st"]:
+                continue
             patient["st"] = [s for s in patient["st"] if s != study_uid]
             if patient["st"]:
                 txn.put(pkey, _pack(patient), db=self._patient)
             else:
                 self._secondary.update(txn, PATIENT_INDEXES, patient["a"], {}, pkey)
                 txn.delete(pkey, db=self._patient)
+            break
         return removed
 
     # --- lookups --------------------------------------------------------------------------------
