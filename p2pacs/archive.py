@@ -24,7 +24,13 @@ from p2pacs import const
 from p2pacs.dicom import build_prefix, extract_attributes, split_part10
 from p2pacs.dicom.header import AttrValue
 from p2pacs.dicom.validate import plain_dataset, validate_dataset
-from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
+from p2pacs.errors import (
+    BlobNotFoundError,
+    CorruptBlobError,
+    InvalidDicomError,
+    StoreError,
+    TrimRefusedError,
+)
 from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
 from p2pacs.store import BlobStore, BlobWrite, ObjectStore, SiteDB, hash_bytes
@@ -213,6 +219,36 @@ class Archive:
                 listener(ingested)
             except Exception:
                 log.exception("ingest listener failed for %s", ingested.sop_uid)
+
+    # --- dropping a surplus copy -------------------------------------------------------------
+
+    def drop_study_in(
+        self, txn: lmdb.Transaction, study_uid: str, checked: set[tuple[str, str]]
+    ) -> tuple[int, int, int]:
+        """Remove a study's index entries and instance blobs inside the caller's write
+        transaction; returns (instances, blobs, bytes) removed.
+
+        ``checked`` is every (SOP Instance UID, hash) the caller verified other sites hold:
+        a version not in it (one that arrived since) raises ``TrimRefusedError`` and, the
+        transaction being the caller's, nothing is removed. A blob is removed with the last
+        instance version naming it. No other study's instance can name it: a blob's bytes hold
+        its SOP Instance UID, and the index files each SOP Instance UID under one study only
+        (``ix_sop``), the one being removed here; manifests and catalogue nodes are blobs of
+        another kind (msgpack, never a dataset)."""
+        removed = self.index.remove_study(txn, study_uid)
+        extra = sorted({(sop, v.hash) for sop, v in removed} - checked)
+        if extra:
+            raise TrimRefusedError(
+                f"study {study_uid} has {len(extra)} versions here that were not checked at "
+                "other sites; kept"
+            )
+        instances = len({sop for sop, _ in removed})
+        blobs = size = 0
+        for h, n in {v.hash: v.size for _, v in removed}.items():
+            if self.blobs.delete_in(txn, h):
+                blobs += 1
+                size += n
+        return instances, blobs, size
 
     # --- export ---------------------------------------------------------------------------------
 

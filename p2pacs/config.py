@@ -116,6 +116,10 @@ class FederationConfig:
     dht_capacity: int = const.DHT_CAPACITY  # bytes the DHT record store may use
     recover_give_up: float = 600.0  # seconds a study may keep failing before recover reports it
     metadata_grace: float = 3600.0  # seconds superseded catalogue nodes and manifests are kept
+    # seconds a study must stay over-replicated (every member up) before a surplus copy, one
+    # outside its placement, is dropped; 0 never drops one. A day: an outage's copies outlive
+    # the usual flaps and restarts, and the archive still shrinks back within days
+    trim_after: float = 86400.0
 
 
 LOOPBACK_HOSTS = ("localhost", "::1")  # besides 127.0.0.0/8: where plain HTTP may listen
@@ -287,6 +291,8 @@ class Config:
         ):
             if not value > 0:
                 problems.append(f"{key} = {value} must be more than 0 seconds")
+        if not f.trim_after >= 0:
+            problems.append(f"federation.trim_after = {f.trim_after} must be 0 (never) or more")
         if st.map_size < 1 << 20:
             problems.append(f"store.map_size = {st.map_size} must be at least 1 MiB (1048576)")
         problems.extend(self.web.check())

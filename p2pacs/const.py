@@ -44,3 +44,8 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes: larger instances go up in parts
 ORPHAN_GRACE = 3600.0  # seconds an unindexed object is left alone by the sweep (a PUT whose
 # index commit is still on its way must never be swept)
 ORPHAN_SWEEP_INTERVAL = 6 * 3600.0  # seconds between sweeps of orphan objects by a running site
+# seconds 'recover' waits, while a wiped site has not found its last site record (no member
+# answers, or none holds it), before it exits 1 saying why (the site keeps looking meanwhile):
+# long enough for a restarting member to answer, short enough for on-call to hear within a minute
+RECOVER_WAIT = 60.0
+RECOVER_NOTICE_EVERY = 5.0  # seconds between 'recover's reminders of what it is waiting for

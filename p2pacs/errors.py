@@ -111,6 +111,10 @@ class ReplicationError(P2PacsError):
     """Replication or repair could not restore the replication factor."""
 
 
+class TrimRefusedError(ReplicationError):
+    """A surplus copy was not dropped: the study changed here since it was checked."""
+
+
 class RecoveryError(P2PacsError):
     """Whole-site recovery could not complete; run it again to resume."""
 

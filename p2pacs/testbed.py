@@ -257,6 +257,7 @@ class Testbed:
         record_ttl: float | None = None,
         recover_give_up: float | None = None,
         metadata_grace: float | None = None,
+        trim_after: float | None = None,
     ):
         """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
         where each site can use the default ports."""
@@ -301,6 +302,8 @@ class Testbed:
                 site.config.federation.recover_give_up = recover_give_up
             if metadata_grace is not None:
                 site.config.federation.metadata_grace = metadata_grace
+            if trim_after is not None:
+                site.config.federation.trim_after = trim_after
             site.config.dicom.bind = site_host
             site.save_config()
             if first_dht is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,11 +167,16 @@ class CatalogueStore:
         old_root: str,
         changes: list[EntryChange],
         manifests: dict[str, bytes],
+        also: Callable[[lmdb.Transaction], object] | None = None,
     ) -> Committed:
         """This site's new tree (from ``cattree.apply``) with the manifests it names: blobs,
-        counts, holders and root in one durable transaction."""
+        counts, holders and root in one durable transaction. ``also`` runs first in that same
+        transaction (dropping a trimmed study's data with its entry): if it raises, nothing
+        is committed."""
 
         def job(txn: lmdb.Transaction) -> Committed:
+            if also is not None:
+                also(txn)
             for h, data in (*manifests.items(), *update.new.items()):
                 self.blobs.write_in(txn, h, data)
             step = _NewRoot(self.own, old_root, update.root, list(update.added),

@@ -17,6 +17,9 @@ import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import lmdb
 
 from p2pacs import failpoints
 from p2pacs.archive import Archive
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 BATCH_WINDOW = 0.3  # seconds to gather instances of a study before publishing it once
 
 PutFn = Callable[[str, str, bytes, float], Awaitable[int]]
+T = TypeVar("T")
 
 
 class Publisher:
@@ -210,6 +214,49 @@ class Publisher:
             await self._adopt_root(committed.root)
             for listener in self.on_committed:
                 listener(committed)
+
+    async def remove(
+        self, study_uids: list[str], drop: Callable[[lmdb.Transaction], T]
+    ) -> T | None:
+        """Take studies out of this site's catalogue tree (a surplus copy trimmed: the one case
+        an entry is removed) in the transaction that runs ``drop`` (which deletes their data),
+        so the tree never lists a study the archive no longer holds, nor the other way round.
+        Returns what ``drop`` returned; None, dropping nothing, if the tree lists none of them.
+        The site record naming the new root goes out by the usual round (``mark``)."""
+        await self.loaded.wait()
+        async with self._tree:
+
+            def work() -> tuple[Committed, T] | None:
+                store = self.store
+                root = store.root(store.own)
+                changes: list[EntryChange] = []
+                for uid in study_uids:
+                    before = cattree.lookup(store.nodes, root, uid)
+                    if before is not None:
+                        changes.append((uid, before, None))
+                if not changes:
+                    return None
+                update = cattree.apply(store.nodes, root, {uid: None for uid, _, _ in changes})
+                out: list[T] = []
+
+                def also(txn: lmdb.Transaction) -> None:
+                    out.append(drop(txn))
+                    self._published.delete_in(txn, study_uids)
+
+                committed = store.commit_own(update, root, changes, {}, also=also)
+                return committed, out[0]
+
+            done = await asyncio.to_thread(work)
+            if done is None:
+                return None
+            committed, result = done
+            for uid in study_uids:
+                self.entries.pop(uid, None)
+            await self._adopt_root(committed.root)
+        for listener in self.on_committed:
+            listener(committed)
+        self.mark([])  # puts site/<id> naming the new root, retried until a member took it
+        return result
 
     async def adopt(self, root: str) -> None:
         """After a wipe: make the tree found in this site's last record its own again, with

@@ -120,6 +120,7 @@ def status_lines(status: dict[str, Any], site_host: str | None, now: float) -> l
                 ("last_repair", ago(now - last) if last else "never"),
                 ("pulls_done", fed["pulls_done"]),
                 ("pulls_failed", fed["pulls_failed"]),
+                ("trimmed", fed.get("trimmed", 0)),
             ]
         )
         + (f", [red]repair_paused[/] {fed['repair_paused']}" if fed.get("repair_paused") else "")
