@@ -26,16 +26,15 @@ from p2pacs.dicom import Level, build_prefix, split_part10
 from p2pacs.dicom.transcode import choose_target, transcode
 from p2pacs.dicomweb import qido
 from p2pacs.dicomweb.federated import Federation, SiteRows, merge_rows
+from p2pacs.dicomweb.metastore import MetadataStore, MetadataWarmer
 from p2pacs.dicomweb.wado import (
     ANY_SYNTAX,
     DICOM_JSON,
-    MetadataCache,
     NotAcceptableError,
     StowResult,
     accepted_syntaxes,
     closing,
     frames_of,
-    metadata_json,
     part_header,
     stow_response,
     wants_json,
@@ -69,6 +68,7 @@ _ROUTES = {  # name -> path pattern (the name says the handler and the level)
 MAX_BOUNDARY = 200  # characters of a multipart boundary we take (RFC 2046: 70)
 MAX_PART = 1 << 32  # bytes of one STOW-RS part held in memory: 4 GiB, far above any instance
 _EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian: native frames
+WARMER = web.AppKey("metadata_warmer", MetadataWarmer)  # the app's warmer, for tests and benches
 _PATTERNS = {**_ROUTES, "stow": "/studies", "stow_study": f"/studies/{_STUDY}"}
 # STOW-RS FailureReason values (PS3.4 B.2.3 / PS3.18 10.5.3)
 REFUSED_OUT_OF_RESOURCES = 0xA700
@@ -115,7 +115,7 @@ class DicomWeb:
     ):
         self.archive = archive
         self.ingest: Ingest = ingest or self.archive.submit
-        self.metadata_cache = MetadataCache()
+        self.meta_store = MetadataStore(archive)
         self.federation = federation
         self.ae_title = ae_title
 
@@ -322,16 +322,8 @@ class DicomWeb:
         records = await self._records(request)
 
         def run() -> bytes:
-            parts = []
-            for rec in records:
-                v = rec.current
-                cached = self.metadata_cache.get(v.hash)
-                if cached is None:
-                    meta = metadata_json(self.archive.blob(v.hash), v.transfer_syntax)
-                    cached = json.dumps(meta, separators=(",", ":")).encode()
-                    self.metadata_cache.put(v.hash, cached)
-                parts.append(cached)
-            return b"[" + b",".join(parts) + b"]"
+            versions = [(rec.current.hash, rec.current.transfer_syntax) for rec in records]
+            return b"[" + b",".join(self.meta_store.get_many(versions)) + b"]"
 
         try:
             body = await asyncio.to_thread(run)
@@ -488,6 +480,7 @@ def dicomweb_app(
     ingest: Ingest | None = None,
     federation: Federation | None = None,
     ae_title: str = "",
+    warm: bool = True,
 ) -> web.Application:
     """The DICOMweb service over ``archive`` as an aiohttp application to mount as a sub-app
     (``parent.add_subapp("/dicomweb", dicomweb_app(archive))``) or to run on its own.
@@ -496,8 +489,23 @@ def dicomweb_app(
     prefix)`` returning a future that completes once the instance is durable (default:
     ``archive.submit``, the C-STORE path). ``federation``: the members searched by
     ``federation=true`` and the source of studies not held here (read-through WADO-RS);
-    ``ae_title``: this site's, named in federated results (RetrieveAETitle)."""
+    ``ae_title``: this site's, named in federated results (RetrieveAETitle). ``warm``: build
+    each ingested instance's ``/metadata`` in a background thread while the app runs
+    (metastore.py), so a series' first ``/metadata`` is read, not built."""
     app = web.Application()  # STOW-RS bodies are read part by part, not bounded as a whole
     handlers = DicomWeb(archive, ingest, federation, ae_title)
     app.add_routes(list(_iter_routes(handlers)))
+    if warm:  # every instance ingested while the app runs gets its /metadata built at once
+        warmer = MetadataWarmer(handlers.meta_store)
+        archive.on_ingest(warmer.offer)
+        app[WARMER] = warmer
+
+        async def start(_app: web.Application) -> None:
+            warmer.start()
+
+        async def stop(_app: web.Application) -> None:
+            await asyncio.to_thread(warmer.stop)
+
+        app.on_startup.append(start)
+        app.on_cleanup.append(stop)
     return app
