@@ -78,3 +78,11 @@ def test_cors_origins_are_checked() -> None:
     problems = web.check()
     assert any("bad.example" in p for p in problems)
     assert not any("ok.example" in p for p in problems)
+
+
+def test_warnings_are_header_safe() -> None:
+    from p2pacs.dicomweb.routes import _search_response
+
+    resp = _search_response([], ['not searched: b: "boom"\r\nX-Evil: 1 ü'])
+    assert resp.status == 204
+    assert resp.headers["Warning"] == '299 p2pacs "not searched: b: ?boom???X-Evil: 1 ?"'

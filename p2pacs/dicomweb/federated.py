@@ -17,7 +17,7 @@ from typing import Protocol
 
 from p2pacs.dicom import Level
 
-__all__ = ["Federation", "FoundAt", "Merged", "SiteRows", "level_uid", "merge_rows"]
+__all__ = ["Federation", "FoundAt", "Merged", "SiteRows", "merge_rows"]
 
 Row = Mapping[str, object]
 _LEVEL_UID = {
@@ -63,13 +63,11 @@ class Federation(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Merged:
+    """One merged search result."""
+
     row: Row
     ae_titles: tuple[str, ...]  # every site holding it, this one first when it does
     local: bool
-
-
-def level_uid(level: Level) -> str:
-    return _LEVEL_UID[level]
 
 
 def merge_rows(level: Level, local: SiteRows, others: Iterable[SiteRows]) -> list[Merged]:

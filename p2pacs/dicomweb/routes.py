@@ -68,7 +68,6 @@ _ROUTES = {  # name -> path pattern (the name says the handler and the level)
 MAX_BOUNDARY = 200  # characters of a multipart boundary we take (RFC 2046: 70)
 MAX_PART = 1 << 32  # bytes of one STOW-RS part held in memory: 4 GiB, far above any instance
 _EXPLICIT = "1.2.840.10008.1.2.1"  # Explicit VR Little Endian: native frames
-WARMER = web.AppKey("metadata_warmer", MetadataWarmer)  # the app's warmer, for tests and benches
 _PATTERNS = {**_ROUTES, "stow": "/studies", "stow_study": f"/studies/{_STUDY}"}
 # STOW-RS FailureReason values (PS3.4 B.2.3 / PS3.18 10.5.3)
 REFUSED_OUT_OF_RESOURCES = 0xA700
@@ -96,7 +95,8 @@ def _search_response(results: list[dict[str, Any]], warnings: list[str]) -> web.
     """A QIDO-RS answer: 204 when empty; warnings as ``Warning: 299`` (RFC 7234 5.5)."""
     headers = {}
     if warnings:
-        texts = (w.encode("ascii", "replace").decode().replace('"', "'") for w in warnings)
+        # quoted-string text: printable ASCII, no quote (a member's error message may hold any)
+        texts = ("".join(c if " " <= c <= "~" and c != '"' else "?" for c in w) for w in warnings)
         headers["Warning"] = ", ".join(f'299 p2pacs "{t}"' for t in texts)
     if not results:
         return web.Response(status=204, headers=headers)
@@ -498,7 +498,6 @@ def dicomweb_app(
     if warm:  # every instance ingested while the app runs gets its /metadata built at once
         warmer = MetadataWarmer(handlers.meta_store)
         archive.on_ingest(warmer.offer)
-        app[WARMER] = warmer
 
         async def start(_app: web.Application) -> None:
             warmer.start()
