@@ -39,6 +39,7 @@ debs:
 	[ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	[ -x /usr/bin/npm ] || missing="$$missing npm"; \
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	dpkg -s rsyslog-openssl >/dev/null 2>&1 || missing="$$missing rsyslog-openssl"; \
 	if [ -n "$$missing" ]; then \

@@ -142,6 +142,10 @@ class WebConfig:
     tokens: dict[str, str] = field(default_factory=dict)  # name -> "sha256$HEX" of the token
     users: dict[str, str] = field(default_factory=dict)  # name -> "scrypt$N$r$p$SALT$HASH"
     refresh: float = 5.0  # seconds between refreshes of the status page in the browser
+    # origins ("https://viewer.example:8443") whose pages may call this server from a browser
+    # (CORS, e.g. a web viewer on another host or port); empty: same origin only
+    cors_origins: list[str] = field(default_factory=list)
+    dicomweb: bool = True  # serve DICOMweb (QIDO/WADO/STOW-RS) at /dicomweb (docs/dicomweb.md)
 
     def check(self) -> list[str]:
         problems = []
@@ -159,6 +163,10 @@ class WebConfig:
             why = credentials.token_problem(stored) if isinstance(stored, str) else "not text"
             if why:
                 problems.append(f"web.tokens.{name}: {why} (make one with 'p2pacs web token add')")
+        for origin in self.cors_origins:
+            why = origin_problem(origin) if isinstance(origin, str) else "not text"
+            if why:
+                problems.append(f"web.cors_origins: {origin!r}: {why}")
         if not self.enabled:
             return problems
         if not self.users and not self.tokens:
@@ -178,6 +186,17 @@ class WebConfig:
                 "web.plain_http = true with a loopback web.bind"
             )
         return problems
+
+
+def origin_problem(origin: str) -> str:
+    """Why ``origin`` is not a web origin as a browser sends it (RFC 6454: scheme://host[:port],
+    no path, no trailing slash), or "" when it is."""
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        return "expected http://HOST[:PORT] or https://HOST[:PORT]"
+    if "/" in rest or "?" in rest or "#" in rest or "*" in rest or origin != origin.strip():
+        return "an origin has no path, wildcard or trailing slash"
+    return ""
 
 
 def is_loopback(host: str) -> bool:

@@ -30,11 +30,13 @@ from p2pacs.audit import AuditTrail, Local, StudyInfo, TrailSettings
 from p2pacs.const import ORPHAN_GRACE, ORPHAN_SWEEP_INTERVAL, STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
+from p2pacs.dicomweb import dicomweb_app
 from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.events import Lifecycle
 from p2pacs.federation.continuity import settle_at_start
 from p2pacs.federation.identity import CA_CERT, SITE_CERT, SITE_KEY
 from p2pacs.federation.node import FederationNode
+from p2pacs.federation.search import FederatedSearch
 from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.healing.commitment import check_commitment
 from p2pacs.healing.recovery import Recovery
@@ -50,6 +52,7 @@ __all__ = ["RUNFILE", "SiteNode"]
 log = logging.getLogger(__name__)
 
 AUDIT_DIR = "audit"  # the local audit log, in the site directory unless audit.log_dir says
+DICOMWEB_PREFIX = "/dicomweb"  # where the web server serves DICOMweb
 AUDIT_STOP_TIMEOUT = 5.0  # seconds a stopping site gives the audit repositories to catch up
 
 
@@ -117,11 +120,26 @@ class SiteNode:
         server = WebServer(config, archive.events, base=self.site.path)
         self.web_status = status = StatusRoutes(self.status, archive.events, refresh=config.refresh)
         server.add_routes(status.install)
+        if config.dicomweb:
+            self._mount_dicomweb(server, archive)
         for part in self.web_parts:
             part(server)
         await server.start()
         self.web = server
         log.info("status page and metrics at %s/", server.url)
+
+    def _mount_dicomweb(self, server: WebServer, archive: Archive) -> None:
+        """DICOMweb at /dicomweb: STOW-RS into ``archive.submit`` (the C-STORE path), the
+        federation searched and read through when enrolled."""
+        fed = self.federation
+        server.add_app(
+            DICOMWEB_PREFIX,
+            dicomweb_app(
+                archive,
+                federation=FederatedSearch(fed) if fed is not None else None,
+                ae_title=self.site.config.dicom.ae_title,
+            ),
+        )
 
     def _start_audit(self, archive: Archive) -> None:
         cfg, fed = self.site.config.audit, self.site.config.federation

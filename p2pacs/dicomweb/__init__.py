@@ -3,6 +3,7 @@ application for the site's web server to mount (``dicomweb_app``); see docs/dico
 
 from __future__ import annotations
 
+from p2pacs.dicomweb.federated import Federation, FoundAt, SiteRows
 from p2pacs.dicomweb.routes import Ingest, dicomweb_app
 
-__all__ = ["Ingest", "dicomweb_app"]
+__all__ = ["Federation", "FoundAt", "Ingest", "SiteRows", "dicomweb_app"]

@@ -8,7 +8,7 @@ ignored with a warning, as 8.3.4.5 allows). DICOM JSON (PS3.18 F.2) is pydicom's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +76,7 @@ _ABOVE = {
 _UID_VR = "UI"
 _INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "US or SS"})
 _FLOAT_VRS = frozenset({"FL", "FD"})
-_CONTROL = {"limit", "offset", "fuzzymatching", "includefield"}
+_CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "federation"}
 
 
 class QidoError(P2PacsError):
@@ -93,6 +93,7 @@ class QidoQuery:
     limit: int = MAX_LIMIT
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
+    federation: bool = False  # also search every live member of the federation
 
     def index_query(self) -> dict[str, str | list[str] | None]:
         """The query handed to ``DicomIndex.find``: match keys plus universal return keys."""
@@ -151,6 +152,10 @@ def parse_query(
                 raise QidoError(f"fuzzymatching must be true or false, not {value!r}")
             if value.lower() == "true":
                 query.warnings.append("fuzzymatching is not supported; exact matching used")
+        elif name == "federation":
+            if value.lower() not in ("true", "false"):
+                raise QidoError(f"federation must be true or false, not {value!r}")
+            query.federation = value.lower() == "true"
         elif name in _CONTROL:
             continue
         else:
@@ -192,10 +197,16 @@ def _typed(vr: str, value: Any) -> Any:
 
 
 def row_to_json(
-    keys: Iterable[str], row: Mapping[str, Any], retrieve_url: str | None = None
+    keys: Iterable[str],
+    row: Mapping[str, Any],
+    retrieve_url: str | None = None,
+    *,
+    ae_titles: Sequence[str] = (),
+    availability: str = "ONLINE",
 ) -> dict[str, Any]:
     """One QIDO-RS result as DICOM JSON: ``keys`` from the index row (absent or empty values
-    are sent without a Value), plus RetrieveURL and InstanceAvailability ONLINE."""
+    are sent without a Value), plus RetrieveURL, InstanceAvailability (``availability``) and,
+    when given, RetrieveAETitle (the AE titles of the sites holding it)."""
     ds = Dataset()
     for keyword in keys:
         value = row.get(keyword, "")
@@ -206,7 +217,9 @@ def row_to_json(
         setattr(ds, keyword, typed)
     if retrieve_url is not None:
         ds.RetrieveURL = retrieve_url
-    ds.InstanceAvailability = "ONLINE"
+    ds.InstanceAvailability = availability
+    if ae_titles:
+        ds.RetrieveAETitle = list(ae_titles)
     if not all(str(v).isascii() for v in row.values()):
         ds.SpecificCharacterSet = "ISO_IR 192"
     out: dict[str, Any] = ds.to_json_dict()

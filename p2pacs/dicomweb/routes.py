@@ -25,16 +25,16 @@ from p2pacs.archive import Archive
 from p2pacs.dicom import Level, build_prefix, split_part10
 from p2pacs.dicom.transcode import choose_target, transcode
 from p2pacs.dicomweb import qido
+from p2pacs.dicomweb.federated import Federation, SiteRows, merge_rows
+from p2pacs.dicomweb.metastore import MetadataStore, MetadataWarmer
 from p2pacs.dicomweb.wado import (
     ANY_SYNTAX,
     DICOM_JSON,
-    MetadataCache,
     NotAcceptableError,
     StowResult,
     accepted_syntaxes,
     closing,
     frames_of,
-    metadata_json,
     part_header,
     stow_response,
     wants_json,
@@ -91,13 +91,33 @@ def _text(status: int, reason: str) -> web.Response:
     return web.Response(status=status, text=reason + "\n")
 
 
+def _search_response(results: list[dict[str, Any]], warnings: list[str]) -> web.Response:
+    """A QIDO-RS answer: 204 when empty; warnings as ``Warning: 299`` (RFC 7234 5.5)."""
+    headers = {}
+    if warnings:
+        # quoted-string text: printable ASCII, no quote (a member's error message may hold any)
+        texts = ("".join(c if " " <= c <= "~" and c != '"' else "?" for c in w) for w in warnings)
+        headers["Warning"] = ", ".join(f'299 p2pacs "{t}"' for t in texts)
+    if not results:
+        return web.Response(status=204, headers=headers)
+    return web.Response(body=json.dumps(results).encode(), content_type=DICOM_JSON, headers=headers)
+
+
 class DicomWeb:
     """The request handlers; one per application."""
 
-    def __init__(self, archive: Archive, ingest: Ingest | None):
+    def __init__(
+        self,
+        archive: Archive,
+        ingest: Ingest | None,
+        federation: Federation | None = None,
+        ae_title: str = "",
+    ):
         self.archive = archive
         self.ingest: Ingest = ingest or self.archive.submit
-        self.metadata_cache = MetadataCache()
+        self.meta_store = MetadataStore(archive)
+        self.federation = federation
+        self.ae_title = ae_title
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -127,6 +147,12 @@ class DicomWeb:
     async def _records(self, request: web.Request) -> list[InstanceRecord]:
         m = request.match_info
         _check_uids(m)
+        if self.federation is not None:  # a study held elsewhere is fetched first, then served
+            try:
+                await self.federation.ensure_local(m["study"])
+            except P2PacsError as exc:
+                log.warning("WADO-RS read-through of %s failed: %s", m["study"], exc)
+                raise web.HTTPBadGateway(text=f"the study could not be fetched: {exc}\n") from None
         records = await asyncio.to_thread(
             self._instances, m["study"], m.get("series", ""), m.get("instance", "")
         )
@@ -154,6 +180,10 @@ class DicomWeb:
         except qido.QidoError as exc:
             return _text(400, str(exc))
         base = self._base(request)
+        if query.federation and self.federation is not None:
+            return await self._search_federation(level, query, base)
+        if query.federation:
+            query.warnings.append("this site is in no federation: its own results only")
 
         def run() -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = []
@@ -175,14 +205,49 @@ class DicomWeb:
         except P2PacsError as exc:
             log.error("QIDO-RS failed: %s", exc)
             return _text(500, f"the index could not be read: {exc}")
-        headers = {"Warning": ", ".join(f'299 p2pacs "{w}"' for w in query.warnings)}
-        if not query.warnings:
-            headers = {}
-        if not results:
-            return web.Response(status=204, headers=headers)
-        return web.Response(
-            body=json.dumps(results).encode(), content_type=DICOM_JSON, headers=headers
-        )
+        return _search_response(results, query.warnings)
+
+    async def _search_federation(
+        self, level: Level, query: qido.QidoQuery, base: str
+    ) -> web.StreamResponse:
+        """Search here and at every live member; merge by UID (federated.py)."""
+        assert self.federation is not None
+        want = query.offset + query.limit + 1  # one more says more results exist
+        index_query = query.index_query()
+
+        def local() -> list[dict[str, Any]]:
+            rows = self.archive.index.find(level, index_query)
+            try:
+                return [dict(row) for _, row in zip(range(want), rows, strict=False)]
+            finally:
+                rows.close()
+
+        try:
+            own, found = await asyncio.gather(
+                asyncio.to_thread(local), self.federation.search(level, index_query, want)
+            )
+        except P2PacsError as exc:
+            log.error("federated QIDO-RS failed: %s", exc)
+            return _text(500, f"the search failed: {exc}")
+        merged = merge_rows(level, SiteRows("", self.ae_title, own), found.answers)
+        query.warnings += [f"not searched: {why}" for why in found.unanswered]
+        if len(merged) > query.offset + query.limit:
+            query.warnings.append("there are additional results to request")
+        page = merged[query.offset : query.offset + query.limit]
+
+        def render() -> list[dict[str, Any]]:
+            return [
+                qido.row_to_json(
+                    query.keys,
+                    m.row,
+                    _url(base, level, m.row),
+                    ae_titles=m.ae_titles,
+                    availability="ONLINE" if m.local else "NEARLINE",
+                )
+                for m in page
+            ]
+
+        return _search_response(await asyncio.to_thread(render), query.warnings)
 
     # --- WADO-RS --------------------------------------------------------------------------
 
@@ -257,16 +322,8 @@ class DicomWeb:
         records = await self._records(request)
 
         def run() -> bytes:
-            parts = []
-            for rec in records:
-                v = rec.current
-                cached = self.metadata_cache.get(v.hash)
-                if cached is None:
-                    meta = metadata_json(self.archive.blob(v.hash), v.transfer_syntax)
-                    cached = json.dumps(meta, separators=(",", ":")).encode()
-                    self.metadata_cache.put(v.hash, cached)
-                parts.append(cached)
-            return b"[" + b",".join(parts) + b"]"
+            versions = [(rec.current.hash, rec.current.transfer_syntax) for rec in records]
+            return b"[" + b",".join(self.meta_store.get_many(versions)) + b"]"
 
         try:
             body = await asyncio.to_thread(run)
@@ -417,14 +474,37 @@ def _iter_routes(handlers: DicomWeb) -> Iterator[web.RouteDef]:
     yield web.post(f"/studies/{_STUDY}", handlers.store, name="stow_study")
 
 
-def dicomweb_app(archive: Archive, *, ingest: Ingest | None = None) -> web.Application:
+def dicomweb_app(
+    archive: Archive,
+    *,
+    ingest: Ingest | None = None,
+    federation: Federation | None = None,
+    ae_title: str = "",
+    warm: bool = True,
+) -> web.Application:
     """The DICOMweb service over ``archive`` as an aiohttp application to mount as a sub-app
     (``parent.add_subapp("/dicomweb", dicomweb_app(archive))``) or to run on its own.
 
     ``ingest``: where STOW-RS instances go, called as ``ingest(dataset, transfer_syntax,
     prefix)`` returning a future that completes once the instance is durable (default:
-    ``archive.submit``, the C-STORE path)."""
+    ``archive.submit``, the C-STORE path). ``federation``: the members searched by
+    ``federation=true`` and the source of studies not held here (read-through WADO-RS);
+    ``ae_title``: this site's, named in federated results (RetrieveAETitle). ``warm``: build
+    each ingested instance's ``/metadata`` in a background thread while the app runs
+    (metastore.py), so a series' first ``/metadata`` is read, not built."""
     app = web.Application()  # STOW-RS bodies are read part by part, not bounded as a whole
-    handlers = DicomWeb(archive, ingest)
+    handlers = DicomWeb(archive, ingest, federation, ae_title)
     app.add_routes(list(_iter_routes(handlers)))
+    if warm:  # every instance ingested while the app runs gets its /metadata built at once
+        warmer = MetadataWarmer(handlers.meta_store)
+        archive.on_ingest(warmer.offer)
+
+        async def start(_app: web.Application) -> None:
+            warmer.start()
+
+        async def stop(_app: web.Application) -> None:
+            await asyncio.to_thread(warmer.stop)
+
+        app.on_startup.append(start)
+        app.on_cleanup.append(stop)
     return app
