@@ -625,7 +625,7 @@ def ratios(res: dict[str, Any], names: list[str], ours_name: str = "p2pacs") -> 
         for name in names:
             if name in ours[channel] and name in theirs[channel]:
                 a, b = ours[channel][name][key], theirs[channel][name][key]
-                out[label][name] = round(b / a, 2) if a > 0 else float("nan")
+                out[label][name] = round(b / a, 2) if a > 0 else None  # net of a floor: can be <= 0
     return out
 
 

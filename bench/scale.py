@@ -356,13 +356,15 @@ def main() -> None:
         help="instead: C-FIND against Orthanc on the same instances (bench/cfind_vs_orthanc.py)",
     )
     ap.add_argument("--orthanc-size", type=int, default=100_000, help="with --vs-orthanc")
-    args = ap.parse_args()
-    if args.vs_orthanc:
+    args, rest = ap.parse_known_args()
+    if args.vs_orthanc:  # the other options of cfind_vs_orthanc.py (--context-fix...) pass on
         other = Path(__file__).resolve().with_name("cfind_vs_orthanc.py")
         argv = [sys.executable, str(other), "--orthanc-size", str(args.orthanc_size)]
         argv += ["--per-study", str(args.per_study)]
         argv += ["--dir", str(args.dir)] if args.dir else []
-        os.execv(sys.executable, argv)
+        os.execv(sys.executable, argv + rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     sizes = [s for s in (10_000, 100_000, 1_000_000) if s < args.max] + [args.max]
 
     work = Path(tempfile.mkdtemp(prefix="p2pacs-scale-", dir=args.dir))
