@@ -23,6 +23,7 @@ from p2pacs.dicom.scu import association_handlers
 from p2pacs.dicom.transcode import deliverable_for_all
 from p2pacs.errors import ConfigError
 from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
+from p2pacs.gateway.contexts import SharedUIDContexts
 from p2pacs.gateway.find import FindHandler
 from p2pacs.gateway.observe import association_observers, observed
 from p2pacs.gateway.rawsend import direct_writes_when_sending
@@ -134,7 +135,7 @@ class Gateway:
             if self._server is not None:
                 return
             try:
-                self._server = self.ae.start_server(
+                server = self.ae.start_server(
                     (self.config.bind, self.config.port),
                     block=False,
                     evt_handlers=self.handlers,
@@ -144,6 +145,10 @@ class Gateway:
                     f"cannot listen for DICOM on {self.config.bind}:{self.config.port}: "
                     f"{exc.strerror}; choose another port with 'serve --port'"
                 ) from exc
+            assert server is not None  # block=False returns the running server
+            # each association copies these: share the UIDs instead of deep-copying ~7,700
+            server.contexts = SharedUIDContexts(server.contexts)
+            self._server = server
 
     @property
     def address(self) -> tuple[str, int]:
