@@ -464,7 +464,15 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
         hops = queried = 0
         found_remote = False
         if self._has_peers():
-            result = await self._lookup(dkey, want_values=True)
+            started = time.monotonic()
+            self._stats["lookups"] += 1
+            try:
+                result = await self._lookup(dkey, want_values=True)
+            except BaseException:
+                self._stats["lookups_failed"] += 1
+                raise
+            finally:
+                self._stats["lookup_ms"] += round(1000 * (time.monotonic() - started))
             hops, queried = result.hops, result.queried
             verified = []
             for raw in dict.fromkeys(result.records):

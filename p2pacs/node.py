@@ -321,6 +321,9 @@ class SiteNode:
             "used_bytes": db["used_bytes"],
             "disk_free": disk.free,
             "disk_total": disk.total,
+            "write_queue": db["write_queue"],
+            "commits": db["commits"],
+            "jobs_committed": db["jobs_committed"],
         }
 
     async def stop(self) -> None:

@@ -66,6 +66,8 @@ class SiteDB:
         self._dbs: dict[str, Any] = {}
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._closed = False
+        self.commits = 0  # write transactions committed (counted by the writer thread only)
+        self.jobs_committed = 0  # jobs in them: jobs / commits is the mean group-commit size
         self._writer = threading.Thread(
             target=self._run, name=f"lmdb-writer:{path.name}", daemon=True
         )
@@ -102,6 +104,10 @@ class SiteDB:
             "map_size": int(info["map_size"]),
             "used_bytes": int((info["last_pgno"] + 1) * stat["psize"]),
             "page_size": int(stat["psize"]),
+            # the group commit: jobs waiting for the writer, transactions and jobs committed
+            "write_queue": self._queue.qsize(),
+            "commits": self.commits,
+            "jobs_committed": self.jobs_committed,
         }
 
     def close(self) -> None:
@@ -166,6 +172,8 @@ class SiteDB:
         except lmdb.Error as exc:
             self._fail(live, StoreError(f"LMDB write failed: {exc}"))
             return
+        self.commits += 1
+        self.jobs_committed += len(live)
         for job, result, error in results:
             if error is None:
                 job.future.set_result(result)

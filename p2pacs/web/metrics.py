@@ -20,7 +20,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -52,6 +57,7 @@ DHT_COUNTERS = {
     "rpc_timeouts": ("dht_rpc_timeouts", "DHT requests that got no answer"),
     "republished": ("dht_records_republished", "DHT records republished before expiry"),
     "contacts_proven": ("dht_contacts_proven", "DHT contacts admitted after a signed hello"),
+    "lookups_failed": ("dht_lookup_failures", "DHT value lookups that failed (no answer)"),
 }
 DROPPED = "dropped_"
 
@@ -164,6 +170,25 @@ SITE_METRICS = (
     ("storage_used_bytes", "gauge", "storage.used_bytes", "Bytes of the LMDB map in use"),
     ("storage_disk_free_bytes", "gauge", "storage.disk_free", "Free bytes on the site's disk"),
     ("storage_disk_size_bytes", "gauge", "storage.disk_total", "Size of the site's disk"),
+    (
+        "ingest_queue_jobs",
+        "gauge",
+        "storage.write_queue",
+        "Writes waiting for the LMDB writer (the ingest queue of the group commit)",
+    ),
+    ("lmdb_commits", "counter", "storage.commits", "LMDB write transactions committed"),
+    (
+        "lmdb_committed_jobs",
+        "counter",
+        "storage.jobs_committed",
+        "Writes in them (divided by lmdb_commits_total: the mean group-commit size)",
+    ),
+    (
+        "loop_lag_max_seconds",
+        "gauge",
+        "loop_lag.max_ms",
+        "The longest the event loop was kept from running since start",
+    ),
 )
 FEDERATION_METRICS = (
     ("sites_up", "gauge", "sites_up", "Live sites, this one included"),
@@ -181,7 +206,13 @@ FEDERATION_METRICS = (
     ("instance_blobs_fetched", "counter", "instance_blobs_fetched",
      "Instance blobs fetched from members"),
     ("studies_published", "counter", "studies_published",
-     "Study records this run put on the DHT"),
+     "Studies whose catalogue entry this run changed"),
+    ("trimmed_studies", "counter", "trimmed", "Surplus study copies trimmed back to R"),
+    ("catalogue_studies", "gauge", "catalogue_studies", "Studies this site's catalogue lists"),
+    ("catalogue_copied_bytes", "counter", "metadata.catalogue_bytes_fetched",
+     "Bytes of members' catalogue nodes copied"),
+    ("metadata_garbage_blobs", "gauge", "metadata.garbage",
+     "Superseded catalogue nodes and manifests waiting for metadata_grace"),
     ("site_record_published", "gauge", "site_record",
      "1 once this site's signed site record went out"),
     ("clock_offset_seconds", "gauge", "clock.offset_s",
@@ -236,6 +267,8 @@ def _families(
         value = _value(tree, path)
         if value is None:
             continue
+        if path.endswith("_ms"):  # status speaks milliseconds, Prometheus seconds
+            value /= 1000
         cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
         yield cls(f"p2pacs_{name}", doc, value=value)
 
@@ -316,6 +349,12 @@ def _dht_families(dht: Mapping[str, int]) -> Iterator[Metric]:
     yield dropped
     for key, (name, doc) in DHT_COUNTERS.items():
         yield CounterMetricFamily(f"p2pacs_{name}", doc, value=dht.get(key, 0))
+    yield SummaryMetricFamily(
+        "p2pacs_dht_lookup_seconds",
+        "DHT value lookups (site records) and the time they took",
+        count_value=dht.get("lookups", 0),
+        sum_value=dht.get("lookup_ms", 0) / 1000,
+    )
 
 
 class StatusCollector(Collector):

@@ -76,6 +76,17 @@ def test_replication_shows_in_both_sites_metrics(pair: Testbed, web_instances: l
     assert at_a[("p2pacs_members", (("state", "up"),))] == 1
     assert at_a[("p2pacs_members", (("state", "down"),))] == 0
     assert at_b[("p2pacs_archive_instances", ())] == n
+    # the group commit: every stored instance was one write job, in fewer transactions
+    commits, jobs = (
+        at_a[("p2pacs_lmdb_commits_total", ())],
+        at_a[("p2pacs_lmdb_committed_jobs_total", ())],
+    )
+    assert 1 <= commits <= jobs and jobs >= n
+    assert at_a[("p2pacs_ingest_queue_jobs", ())] >= 0
+    # a met b through a DHT lookup of b's site record, timed
+    assert at_a[("p2pacs_dht_lookup_seconds_count", ())] >= 1
+    assert at_a[("p2pacs_dht_lookup_seconds_sum", ())] > 0
+    assert at_a[("p2pacs_catalogue_studies", ())] >= 1
     under = ("p2pacs_under_replicated_studies", ())  # as of a's next anti-entropy pass
     assert wait_for(lambda: _scrape(a)[under] == 0, 30, 0.3)
     # a scrub is counted
