@@ -12,6 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from p2pacs.federation.identity import load_identity
+from p2pacs.healing.placement import placement
 from p2pacs.samples import generate_instances
 from p2pacs.testbed import Testbed
 
@@ -24,16 +26,23 @@ SLACK = 256 * 1024  # bytes: this site's own small blobs (its manifest, its cata
 
 
 def test_fetch_hashes_each_byte_once(testbed: Testbed, tmp_path: Path) -> None:
-    files = generate_instances(
-        tmp_path / "study",
-        studies=1,
-        series_per_study=1,
-        instances_per_series=4,
-        rows=512,
-        columns=512,
-        seed=31,
-        multiframe_frames=20,
-    )  # fmt: skip  (one 10 MiB multi-frame instance among them)
+    ids = {n: load_identity(testbed[n].site)[0].site_id for n in testbed.sites}
+    # a study whose placement includes the ingesting site: the other placed site pulls it and
+    # the third never holds it, so the third is the fetcher (no surplus copy to race with)
+    for seed in range(31, 61):
+        files = generate_instances(
+            tmp_path / f"study-{seed}",
+            studies=1,
+            series_per_study=1,
+            instances_per_series=4,
+            rows=512,
+            columns=512,
+            seed=seed,
+            multiframe_frames=20,
+        )  # fmt: skip  (one 10 MiB multi-frame instance among them)
+        (uid,) = studies_of(files)
+        if ids["clinic-a"] in placement(uid, ids.values(), 2):
+            break
     corrected = tmp_path / "corrected.dcm"
     ds = pydicom.dcmread(files[1])
     ds.ImageComments = "corrected after the first send"
@@ -43,8 +52,8 @@ def test_fetch_hashes_each_byte_once(testbed: Testbed, tmp_path: Path) -> None:
     ingest(clinic, [corrected])
     study = studies_of(files)
     wait_replicated(clinic, study, 2)
-    holders = {h["name"].split(" ")[0] for uid in study for h in clinic.find(uid)}
-    (fetcher,) = [testbed[n] for n in ("research-lab", "clinic-b") if n not in holders]
+    targets = placement(uid, ids.values(), 2)
+    (fetcher,) = [testbed[n] for n in ("research-lab", "clinic-b") if ids[n] not in targets]
     before = fetcher.status()
     done = fetcher.run_cli("fetch", *study, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
