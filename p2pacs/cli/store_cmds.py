@@ -6,10 +6,12 @@ Both work on a stopped site (they take its lock), as a migration is a maintenanc
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
 from p2pacs.errors import StoreError
-from p2pacs.site import SiteRunningError
+from p2pacs.site import Site, SiteRunningError
 from p2pacs.store.migrate import WORKERS, migrate
 
 __all__ = ["register"]
@@ -37,6 +39,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+@contextlib.contextmanager
+def _stopped(site: Site) -> Iterator[None]:
+    """Hold the site folder's lock: these commands work on a stopped site only."""
+    lock = site.lock()
+    try:
+        lock.acquire()
+    except SiteRunningError as exc:
+        raise CommandError(f"stop the site first ('serve' runs): {exc}", 1) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     site = open_site(args)
     st = site.config.store
@@ -46,13 +62,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             "(docs/operations.md, 'Instance bytes on an object store')",
             1,
         )
-    lock = site.lock()
     try:
-        lock.acquire()
-    except SiteRunningError as exc:
-        raise CommandError(f"stop the site first ('serve' runs): {exc}", 1) from exc
-    try:
-        with site.archive() as archive:
+        with _stopped(site), site.archive() as archive:
             assert archive.blobs.objects is not None
             archive.blobs.objects.check()
             count, _ = archive.blobs.totals()
@@ -69,8 +80,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 swept = archive.blobs.sweep_objects(grace=0.0)  # the site is stopped: all stale
     except StoreError as exc:
         raise CommandError(f"migration stopped: {exc}; run it again to resume", 1) from exc
-    finally:
-        lock.release()
     console.print(
         f"moved {report.moved} blobs ({report.bytes} bytes), {report.already} already in place"
         + (f", {swept} stale objects removed" if swept else "")
@@ -88,17 +97,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     site = open_site(args)
-    lock = site.lock()
     try:
-        lock.acquire()
-    except SiteRunningError as exc:
-        raise CommandError(f"stop the site first ('serve' runs): {exc}", 1) from exc
-    try:
-        with site.archive() as archive:
+        with _stopped(site), site.archive() as archive:
             removed = archive.blobs.sweep_objects(grace=args.grace)
     except StoreError as exc:
         raise CommandError(f"sweep stopped: {exc}", 1) from exc
-    finally:
-        lock.release()
     console.print(f"removed {removed} orphan objects")
     return 0

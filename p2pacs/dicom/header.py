@@ -173,3 +173,24 @@ def extract_attributes(dataset: bytes | memoryview, transfer_syntax: str) -> dic
     if missing:
         raise InvalidDicomError(f"dataset lacks {', '.join(missing)}; it cannot be archived")
     return attrs
+
+
+_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "US or SS"})
+_FLOAT_VRS = frozenset({"FL", "FD"})
+
+
+def typed_value(vr: str, value: Any) -> Any:
+    """An index value (DICOM strings) as pydicom wants it for ``vr`` in a response (C-FIND,
+    QIDO-RS): binary numbers (Rows, BitsAllocated...) as int/float, else unchanged; an
+    unreadable number becomes None (sent empty)."""
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if vr not in _INT_VRS and vr not in _FLOAT_VRS:
+        return values if isinstance(value, list | tuple) else value
+    convert = int if vr in _INT_VRS else float
+    try:
+        out = [convert(str(v).strip()) for v in values if str(v).strip()]
+    except ValueError:
+        return None
+    if not out:
+        return None
+    return out if len(out) > 1 else out[0]

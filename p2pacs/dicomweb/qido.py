@@ -16,6 +16,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from p2pacs.dicom import LEVEL_KEYS, Level
+from p2pacs.dicom.header import typed_value
 from p2pacs.errors import P2PacsError
 
 __all__ = [
@@ -74,8 +75,6 @@ _ABOVE = {
     Level.IMAGE: (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE),
 }
 _UID_VR = "UI"
-_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "US or SS"})
-_FLOAT_VRS = frozenset({"FL", "FD"})
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "federation"}
 
 
@@ -181,21 +180,6 @@ def _match_value(keyword: str, value: str) -> str | list[str]:
     return value
 
 
-def _typed(vr: str, value: Any) -> Any:
-    """An index value (DICOM strings) as pydicom takes it for ``vr``."""
-    values = list(value) if isinstance(value, list | tuple) else [value]
-    if vr not in _INT_VRS and vr not in _FLOAT_VRS:
-        return values if isinstance(value, list | tuple) else value
-    convert = int if vr in _INT_VRS else float
-    try:
-        out = [convert(str(v).strip()) for v in values if str(v).strip()]
-    except ValueError:
-        return None
-    if not out:
-        return None
-    return out if len(out) > 1 else out[0]
-
-
 def row_to_json(
     keys: Iterable[str],
     row: Mapping[str, Any],
@@ -213,7 +197,7 @@ def row_to_json(
         vr = dictionary_VR(keyword)
         if vr == "SQ":
             continue
-        typed = None if value in ("", None, []) else _typed(vr, value)
+        typed = None if value in ("", None, []) else typed_value(vr, value)
         setattr(ds, keyword, typed)
     if retrieve_url is not None:
         ds.RetrieveURL = retrieve_url

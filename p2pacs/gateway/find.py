@@ -13,6 +13,7 @@ from pydicom.multival import MultiValue
 from pynetdicom import evt
 
 from p2pacs.dicom import Level
+from p2pacs.dicom.header import typed_value
 from p2pacs.errors import P2PacsError
 from p2pacs.gateway import status
 from p2pacs.index import DicomIndex
@@ -55,26 +56,6 @@ def _is_ascii(value: Any) -> bool:
     return str(value).isascii()
 
 
-_INT_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "US or SS"})
-_FLOAT_VRS = frozenset({"FL", "FD"})
-
-
-def _typed(vr: str, value: Any) -> Any:
-    """An index value (DICOM strings) as pydicom wants it for ``vr``: binary numbers (Rows,
-    BitsAllocated...) as int/float, else unchanged; an unreadable number is sent empty."""
-    values = list(value) if isinstance(value, list | tuple) else [value]
-    if vr not in _INT_VRS and vr not in _FLOAT_VRS:
-        return values if isinstance(value, list | tuple) else value
-    convert = int if vr in _INT_VRS else float
-    try:
-        out = [convert(str(v).strip()) for v in values if str(v).strip()]
-    except ValueError:
-        return None
-    if not out:
-        return None
-    return out if len(out) > 1 else out[0]
-
-
 def _response(level: Level, query: Query, record: dict[str, Any]) -> Dataset:
     ds = Dataset()
     if not all(_is_ascii(record.get(k, "")) for k in query):
@@ -88,7 +69,7 @@ def _response(level: Level, query: Query, record: dict[str, Any]) -> Dataset:
             vr = dictionary_VR(keyword)
         except KeyError:
             continue
-        setattr(ds, keyword, _typed(vr, value))
+        setattr(ds, keyword, typed_value(vr, value))
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"):
         if keyword in record and keyword not in ds and keyword in query:
             setattr(ds, keyword, record[keyword])
