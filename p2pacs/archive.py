@@ -25,7 +25,7 @@ from p2pacs.dicom.validate import plain_dataset, validate_dataset
 from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
 from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
-from p2pacs.store import BlobStore, SiteDB, hash_bytes
+from p2pacs.store import BlobStore, ChangeLog, SiteDB, hash_bytes
 
 __all__ = ["Archive", "Ingested"]
 
@@ -60,6 +60,10 @@ class Archive:
         self.repair_hook: Callable[[str], bool] | None = None
         # the site's event bus (metrics, audit): every part holds the archive, so it lives here
         self.events = EventBus()
+        # a gateway worker process records each index update in the change log (same
+        # transaction) for the federation to tail; in-process ingests tell ``on_ingest``
+        self.changes = ChangeLog(self.db)
+        self.log_changes = False
 
     def close(self) -> None:
         self.db.close()
@@ -131,7 +135,10 @@ class Archive:
                 self.blobs.write_in(txn, h, dataset)
             elif not self.blobs.has_in(txn, h):
                 raise BlobNotFoundError(f"blob {h} is not stored; it cannot be indexed")
-            return self.index.add(txn, attrs, version)
+            update = self.index.add(txn, attrs, version)
+            if update.new_version and self.log_changes:
+                self.changes.append(txn, update.study_uid)
+            return update
 
         write = self.db.submit(job, weight=version.size if dataset is not None else 0)
         result: Future[Ingested] = Future()

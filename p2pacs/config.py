@@ -75,6 +75,9 @@ class DicomConfig:
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty: accept any calling AE
     destinations: dict[str, str] = field(default_factory=dict)  # C-MOVE AE title -> "host:port"
     network_timeout: float = 60.0  # seconds of silence before an association is dropped
+    # gateway processes sharing the DICOM port: 0 = one per core, 1 = the gateway runs in the
+    # site's own process (docs/architecture.md, "Gateway workers")
+    workers: int = 0
 
 
 @dataclass(slots=True)
@@ -256,6 +259,8 @@ class Config:
                 problems.append(f"federation.bootstrap: {exc}")
         if d.max_pdu < 0:
             problems.append("dicom.max_pdu must be 0 (unlimited) or more")
+        if not 0 <= d.workers <= 256:
+            problems.append(f"dicom.workers = {d.workers} must be 0 (one per core) to 256")
         if f.replication < 1:
             problems.append(f"federation.replication = {f.replication} must be 1 or more")
         for key, value in (

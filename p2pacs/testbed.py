@@ -257,9 +257,11 @@ class Testbed:
         record_ttl: float | None = None,
         recover_give_up: float | None = None,
         metadata_grace: float | None = None,
+        workers: int = 1,
     ):
         """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
-        where each site can use the default ports."""
+        where each site can use the default ports. ``workers``: each site's ``dicom.workers``
+        (1, the in-process gateway, unless a test is about worker processes)."""
         from p2pacs.federation.identity import create_federation_dir, enroll_site
 
         self.root = root
@@ -302,6 +304,7 @@ class Testbed:
             if metadata_grace is not None:
                 site.config.federation.metadata_grace = metadata_grace
             site.config.dicom.bind = site_host
+            site.config.dicom.workers = workers
             site.save_config()
             if first_dht is None:
                 first_dht, first_host = dht, site_host

@@ -1,0 +1,144 @@
+"""A gateway worker process: the pynetdicom SCP on the site's shared listening socket.
+
+Started by ``WorkerPool`` as ``python -m p2pacs.gateway.worker`` (a fresh interpreter: never a
+fork of a process holding an LMDB environment or threads), with its settings as one msgpack map
+on stdin. It opens the site's LMDB itself (LMDB serves several processes on one environment:
+readers anywhere, one write transaction at a time across all of them), so C-STORE (validated,
+hashed, group-committed, success only after a durable commit), C-FIND, C-GET and C-MOVE run
+here. Each index update is also written to the change log, in the same transaction, for the
+federation. Read-through, Storage Commitment with a federation, and the gateway's events go to
+the main process over the channel (``channel``).
+
+The worker exits when stdin closes (the main process ended, however it ended) or on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from p2pacs.archive import Archive
+from p2pacs.config import DicomConfig
+from p2pacs.gateway.channel import EventSender, call
+from p2pacs.gateway.commitment import CommitFn, CommitmentResult
+from p2pacs.gateway.server import Gateway
+
+__all__ = ["main", "spec"]
+
+log = logging.getLogger(__name__)
+
+READ_THROUGH_TIMEOUT = 600.0  # seconds a C-MOVE/C-GET waits for the federation to fetch a study
+COMMIT_MARGIN = 30.0  # seconds beyond the commitment timeout before the channel gives up
+
+
+def spec(
+    *,
+    db_path: Path,
+    map_size: int,
+    sync: bool,
+    dicom: DicomConfig,
+    channel: Path,
+    listen_fd: int,
+    federated: bool,
+    log_level: int,
+) -> bytes:
+    """The settings a worker reads from its stdin."""
+    packed: bytes = msgpack.packb(
+        {
+            "db_path": str(db_path),
+            "map_size": map_size,
+            "sync": sync,
+            "dicom": dataclasses.asdict(dicom),
+            "channel": str(channel),
+            "listen_fd": listen_fd,
+            "federated": federated,
+            "log_level": log_level,
+        },
+        use_bin_type=True,
+    )
+    return packed
+
+
+def _remote_ensure_local(channel: Path) -> Any:
+    def ensure_local(study_uids: list[str]) -> None:
+        call(channel, "ensure_local", [study_uids], READ_THROUGH_TIMEOUT)
+
+    return ensure_local
+
+
+def _remote_commitment(channel: Path) -> CommitFn:
+    def commit(refs: list[tuple[str, str]], timeout: float) -> CommitmentResult:
+        committed, failed = call(channel, "commit", [refs, timeout], timeout + COMMIT_MARGIN)
+        return CommitmentResult(
+            committed=[(str(c), str(s)) for c, s in committed],
+            failed=[(str(c), str(s), int(code)) for c, s, code in failed],
+        )
+
+    return commit
+
+
+def run(settings: dict[str, Any]) -> None:
+    channel = Path(settings["channel"])
+    archive = Archive(
+        Path(settings["db_path"]), map_size=settings["map_size"], sync=settings["sync"]
+    )
+    archive.log_changes = True
+    sender = EventSender(channel)
+    archive.events.subscribe(sender.emit)
+    federated = bool(settings["federated"])
+    gateway = Gateway(
+        archive,
+        DicomConfig(**settings["dicom"]),
+        ensure_local=_remote_ensure_local(channel) if federated else None,
+        commitment=_remote_commitment(channel) if federated else None,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threading.Thread(target=_watch_parent, args=(stop,), name="parent-watch", daemon=True).start()
+    gateway.start(listen_fd=int(settings["listen_fd"]))
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    try:
+        stop.wait()
+    finally:
+        gateway.stop()  # running associations finish their current request or time out
+        sender.close()
+        archive.close()
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    """stdin is a pipe from the main process: end of file means it is gone."""
+    try:
+        while os.read(0, 4096):  # the raw descriptor: a buffered read would block shutdown
+            pass
+    except OSError:
+        pass
+    stop.set()
+
+
+def main() -> None:
+    line = bytearray()  # one line, the hex of the msgpack settings, read unbuffered
+    while not line.endswith(b"\n"):
+        chunk = os.read(0, 1)
+        if not chunk:
+            raise SystemExit("gateway worker: no settings on stdin")
+        line += chunk
+    raw = bytes(line)
+    settings = msgpack.unpackb(bytes.fromhex(raw.decode().strip()), raw=False)
+    logging.basicConfig(
+        level=settings["log_level"],
+        format=f"%(asctime)s %(levelname)s gateway-worker[{os.getpid()}] %(name)s: %(message)s",
+    )
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()
