@@ -107,7 +107,8 @@ def run(settings: dict[str, Any]) -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     try:
-        stop.wait()
+        while not stop.wait(1.0):  # a timed wait: the SIGTERM handler runs between waits
+            pass
     finally:
         gateway.stop()  # running associations finish their current request or time out
         sender.close()
