@@ -27,7 +27,7 @@ from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
 from p2pacs.store import BlobStore, ChangeLog, SiteDB, hash_bytes
 
-__all__ = ["Archive", "Ingested"]
+__all__ = ["Archive", "Ingested", "RemoteWrite"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class Ingested:
     patient_id: str = ""  # for the audit trail (PS3.15 A.5.3.2 Patient participant)
 
 
+RemoteWrite = Callable[[dict[str, AttrValue], Version, bytes | memoryview], Future[Ingested]]
+
+
 class Archive:
     """Store + index of one site. Thread-safe; one per site directory per process."""
 
@@ -60,10 +63,11 @@ class Archive:
         self.repair_hook: Callable[[str], bool] | None = None
         # the site's event bus (metrics, audit): every part holds the archive, so it lives here
         self.events = EventBus()
-        # a gateway worker process records each index update in the change log (same
-        # transaction) for the federation to tail; in-process ingests tell ``on_ingest``
+        # what gateway worker processes ingested, for the federation to tail (``write_checked``)
         self.changes = ChangeLog(self.db)
-        self.log_changes = False
+        # set in a gateway worker process: checked and hashed instances are written by the
+        # site's main process, so one group commit serves every worker (gateway/worker.py)
+        self.remote_write: RemoteWrite | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -124,10 +128,27 @@ class Archive:
         version indexed after its elders): nothing is read back, hashed or parsed again."""
         return self._write(attrs, version, None)
 
+    def write_checked(
+        self, attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview
+    ) -> Future[Ingested]:
+        """Write an instance a gateway worker has ``check``ed and hashed: blob, index entry and
+        a change-log entry (instead of ``on_ingest``: the federation tails the log) in one
+        durable write job, group-committed with everything else this process writes."""
+        if len(dataset) != version.size:  # the worker's hash is trusted: reads re-check it
+            raise InvalidDicomError(f"{len(dataset)} dataset bytes received for {version.size}")
+        return self._write(attrs, version, dataset, log_change=True)
+
     def _write(
-        self, attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview | None
+        self,
+        attrs: dict[str, AttrValue],
+        version: Version,
+        dataset: bytes | memoryview | None,
+        *,
+        log_change: bool = False,
     ) -> Future[Ingested]:
         """Queue blob (unless stored already) and index entry as one durable write job."""
+        if self.remote_write is not None and dataset is not None:
+            return self.remote_write(attrs, version, dataset)
         h = version.hash
 
         def job(txn: lmdb.Transaction) -> IndexUpdate:
@@ -136,7 +157,7 @@ class Archive:
             elif not self.blobs.has_in(txn, h):
                 raise BlobNotFoundError(f"blob {h} is not stored; it cannot be indexed")
             update = self.index.add(txn, attrs, version)
-            if update.new_version and self.log_changes:
+            if update.new_version and log_change:
                 self.changes.append(txn, update.study_uid)
             return update
 
@@ -161,7 +182,7 @@ class Archive:
                 str(attrs.get("PatientID", "")),
             )
             result.set_result(ingested)
-            if update.new_version:
+            if update.new_version and not log_change:
                 self._notify(ingested)
 
         write.add_done_callback(done)

@@ -28,9 +28,16 @@ from typing import Any
 import msgpack
 
 from p2pacs import events as ev
-from p2pacs.errors import P2PacsError
+from p2pacs.errors import (
+    InvalidDicomError,
+    MalformedDatasetError,
+    P2PacsError,
+    StoreError,
+    StoreFullError,
+)
 
 __all__ = [
+    "Caller",
     "ChannelError",
     "ChannelServer",
     "EventSender",
@@ -42,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
-MAX_MESSAGE = 16 << 20  # bytes: a commitment request for ~100 k instances; more is refused
+MAX_MESSAGE = 0xFFFF_FFFF  # bytes: what the 4-byte length can say (a forwarded dataset)
 EVENT_QUEUE = 10_000  # events a worker holds while the main process is slow; more are dropped
 CONNECT_TIMEOUT = 5.0  # seconds to reach the main process's socket
 
@@ -94,14 +101,16 @@ def decode_event(raw: Any) -> ev.Event:
 # --- socket I/O ----------------------------------------------------------------------------------
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
             raise ConnectionError("the channel was closed")
-        buf += chunk
-    return bytes(buf)
+        got += k
+    return buf
 
 
 def read_message(sock: socket.socket) -> Any:
@@ -123,6 +132,47 @@ def _connect(path: Path, timeout: float) -> socket.socket:
     return sock
 
 
+# errors the main process names in an answer, raised again as themselves in the worker
+_ERRORS: dict[str, type[P2PacsError]] = {
+    cls.__name__: cls
+    for cls in (InvalidDicomError, MalformedDatasetError, StoreFullError, StoreError)
+}
+
+
+def _error(result: Any, method: str) -> P2PacsError:
+    try:
+        name, text = result
+        return _ERRORS.get(str(name), ChannelError)(str(text))
+    except (TypeError, ValueError):
+        return ChannelError(f"{method} failed in the main process: {result}")
+
+
+class Caller:
+    """Requests on one kept connection per calling thread (each association has its own
+    thread): a C-STORE costs one round trip, not a connect."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+
+    def call(self, method: str, args: list[Any], timeout: float) -> Any:
+        sock: socket.socket | None = getattr(self._local, "sock", None)
+        try:
+            if sock is None:
+                sock = self._local.sock = _connect(self.path, timeout)
+            sock.settimeout(timeout)
+            sock.sendall(frame([1, method, args]))
+            _, ok, result = read_message(sock)
+        except (OSError, ValueError, msgpack.UnpackException, ChannelError) as exc:
+            if sock is not None:
+                sock.close()
+            self._local.sock = None
+            raise ChannelError(f"{method}: the channel to the main process failed: {exc}") from exc
+        if not ok:
+            raise _error(result, method)
+        return result
+
+
 def call(path: Path, method: str, args: list[Any], timeout: float) -> Any:
     """Ask the main process and wait at most ``timeout`` seconds (one connection per call, so
     a long read-through never holds up another association's request)."""
@@ -140,7 +190,7 @@ def call(path: Path, method: str, args: list[Any], timeout: float) -> Any:
     finally:
         sock.close()
     if not ok:
-        raise ChannelError(f"{method} failed in the main process: {result}")
+        raise _error(result, method)
     return result
 
 
@@ -259,11 +309,11 @@ class ChannelServer:
             return True, None
         fn = self.methods.get(method)
         if fn is None:
-            return False, f"unknown method {method!r}"
+            return False, ["ChannelError", f"unknown method {method!r}"]
         try:
             return True, fn(args)
         except P2PacsError as exc:
-            return False, str(exc)
+            return False, [type(exc).__name__, str(exc)]
         except Exception as exc:
             log.exception("gateway worker request %s failed", method)
-            return False, f"{type(exc).__name__}: {exc}"
+            return False, ["ChannelError", f"{type(exc).__name__}: {exc}"]

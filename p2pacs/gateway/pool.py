@@ -13,6 +13,7 @@ port 0 needs no reservation dance, and a free worker takes the next association 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,11 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from p2pacs import const
+from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
 from p2pacs.errors import ConfigError, P2PacsError
 from p2pacs.events import EventBus
 from p2pacs.gateway.channel import ChannelServer, Method
 from p2pacs.gateway.worker import spec
+from p2pacs.index import Version
 
 __all__ = ["WorkerPool", "resolve_workers"]
 
@@ -237,10 +241,16 @@ def _readline(pipe: IO[bytes], timeout: float) -> bytes:
 
 
 def methods_for(
+    archive: Archive,
     ensure_local: Callable[[list[str]], None],
     commit: Callable[[list[tuple[str, str]], float], Any],
 ) -> dict[str, Method]:
-    """The channel's methods from the main process's read-through and commitment."""
+    """The channel's methods: the workers' writes, read-through and commitment."""
+
+    def do_write(args: list[Any]) -> list[Any]:
+        attrs, version, dataset = args
+        ingested = archive.write_checked(dict(attrs), Version.from_wire(version), dataset)
+        return list(dataclasses.astuple(ingested.result(const.WRITE_TIMEOUT)))
 
     def do_ensure_local(args: list[Any]) -> None:
         ensure_local([str(u) for u in args[0]])
@@ -250,4 +260,4 @@ def methods_for(
         result = commit(refs, float(args[1]))
         return [result.committed, result.failed]
 
-    return {"ensure_local": do_ensure_local, "commit": do_commit}
+    return {"write": do_write, "ensure_local": do_ensure_local, "commit": do_commit}

@@ -2,12 +2,12 @@
 
 Started by ``WorkerPool`` as ``python -m p2pacs.gateway.worker`` (a fresh interpreter: never a
 fork of a process holding an LMDB environment or threads), with its settings as one msgpack map
-on stdin. It opens the site's LMDB itself (LMDB serves several processes on one environment:
-readers anywhere, one write transaction at a time across all of them), so C-STORE (validated,
-hashed, group-committed, success only after a durable commit), C-FIND, C-GET and C-MOVE run
-here. Each index update is also written to the change log, in the same transaction, for the
-federation. Read-through, Storage Commitment with a federation, and the gateway's events go to
-the main process over the channel (``channel``).
+on stdin. It opens the site's LMDB itself (LMDB serves several processes on one environment),
+so C-FIND, C-GET and C-MOVE read it here, and C-STORE's CPU work (PDU handling, structure check,
+header parse, hash) runs here; the checked instance is then written by the main process's writer
+thread (``write`` over the channel), so one group commit and one fsync serve the associations of
+every worker, and the C-STORE success follows that durable commit. Read-through, Storage
+Commitment with a federation, and the gateway's events go to the main process over the channel.
 
 The worker exits when stdin closes (the main process ended, however it ended) or on SIGTERM.
 """
@@ -20,16 +20,21 @@ import os
 import signal
 import sys
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from p2pacs.archive import Archive
+from p2pacs import const
+from p2pacs.archive import Archive, Ingested, RemoteWrite
 from p2pacs.config import DicomConfig
-from p2pacs.gateway.channel import EventSender, call
+from p2pacs.dicom.header import AttrValue
+from p2pacs.errors import P2PacsError
+from p2pacs.gateway.channel import Caller, EventSender, call
 from p2pacs.gateway.commitment import CommitFn, CommitmentResult
 from p2pacs.gateway.server import Gateway
+from p2pacs.index import Version
 
 __all__ = ["main", "spec"]
 
@@ -85,12 +90,30 @@ def _remote_commitment(channel: Path) -> CommitFn:
     return commit
 
 
+def _remote_write(caller: Caller) -> RemoteWrite:
+    """The write half of ``Archive.submit``, done by the main process: its writer thread
+    group-commits the instances of every worker together (one fsync for all of them)."""
+
+    def write(
+        attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview
+    ) -> Future[Ingested]:
+        result: Future[Ingested] = Future()
+        try:
+            fields = caller.call("write", [attrs, version.to_wire(), dataset], const.WRITE_TIMEOUT)
+            result.set_result(Ingested(*fields))
+        except P2PacsError as exc:
+            result.set_exception(exc)
+        return result
+
+    return write
+
+
 def run(settings: dict[str, Any]) -> None:
     channel = Path(settings["channel"])
     archive = Archive(
         Path(settings["db_path"]), map_size=settings["map_size"], sync=settings["sync"]
     )
-    archive.log_changes = True
+    archive.remote_write = _remote_write(Caller(channel))
     sender = EventSender(channel)
     archive.events.subscribe(sender.emit)
     federated = bool(settings["federated"])
