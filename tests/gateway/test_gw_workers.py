@@ -259,3 +259,39 @@ async def test_find_move_get_and_commitment_answered_by_either_worker(
         await node.stop()
         requester.close()
         dest.close()
+
+
+async def test_workers_answer_a_full_archive_and_a_broken_dataset_with_their_statuses(
+    tmp_path: Path,
+) -> None:
+    """The main process's errors reach the worker as themselves: 0xA700 for a full archive,
+    0xC210 for a dataset that is not whole; what was stored stays whole."""
+    import asyncio
+
+    from p2pacs.dicom.scu import store_files
+
+    files = generate_instances(
+        tmp_path / "gen", studies=1, series_per_study=1, instances_per_series=8, seed=21
+    )  # 8 x 0.5 MB against a 2 MiB store
+    config = Config()
+    config.store.map_size = 2 * 1024 * 1024
+    config.store.sync = False
+    config.dicom.ae_title = AET
+    config.dicom.bind = "127.0.0.1"
+    config.dicom.port = 0
+    config.dicom.workers = 2
+    async with SiteNode(Site.init(tmp_path / "site", config)) as node:
+        assert node.archive is not None
+        host, port = node.dicom_address
+        report = await asyncio.to_thread(store_files, host, port, AET, files)
+        assert report.stored, "the first instances fit"
+        assert set(report.failed.values()) == {"status 0xA700"}, report.failed
+        for path in report.stored:
+            record = node.archive.index.instance(str(header(path).SOPInstanceUID))
+            assert record is not None and node.archive.dataset_bytes(record) == dataset_of(path)
+
+        part = split_part10(files[0].read_bytes())
+        broken = tmp_path / "broken.dcm"  # a dataset cut in the middle of an element
+        broken.write_bytes(bytes(part.prefix) + bytes(part.dataset)[:301])
+        sent = await asyncio.to_thread(store_files, host, port, AET, [broken])
+        assert sent.failed == {broken: "status 0xC210"}
