@@ -95,7 +95,7 @@ def profile(files: list[Path], work: Path, out: Path) -> None:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or "gateway" in stack.split(";")[0] and "idle" in stack:
+        if not stack:
             continue
         leaf = stack.split(";")[-1]
         own[leaf] = own.get(leaf, 0) + int(count)

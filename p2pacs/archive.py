@@ -129,14 +129,20 @@ class Archive:
         return self._write(attrs, version, None)
 
     def write_checked(
-        self, attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview
+        self,
+        attrs: dict[str, AttrValue],
+        version: Version,
+        dataset: bytes | memoryview,
+        *,
+        log_change: bool,
     ) -> Future[Ingested]:
-        """Write an instance a gateway worker has ``check``ed and hashed: blob, index entry and
-        a change-log entry (instead of ``on_ingest``: the federation tails the log) in one
-        durable write job, group-committed with everything else this process writes."""
+        """Write an instance a gateway worker has ``check``ed and hashed: blob and index entry
+        in one durable write job, group-committed with everything else this process writes.
+        ``log_change`` (an enrolled site): a change-log entry in the same transaction instead
+        of ``on_ingest``, for the federation to tail (``federation/changes.py``)."""
         if len(dataset) != version.size:  # the worker's hash is trusted: reads re-check it
             raise InvalidDicomError(f"{len(dataset)} dataset bytes received for {version.size}")
-        return self._write(attrs, version, dataset, log_change=True)
+        return self._write(attrs, version, dataset, log_change=log_change)
 
     def _write(
         self,

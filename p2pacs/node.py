@@ -123,7 +123,7 @@ class SiteNode:
             sync=config.store.sync,
             config=config.dicom,
             bus=archive.events,
-            methods=methods_for(archive, self._ensure_local, self._commitment),
+            methods=methods_for(archive, self._ensure_local, self._commitment, federated=enrolled),
             count=resolve_workers(config.dicom.workers),
             federated=enrolled,
         )

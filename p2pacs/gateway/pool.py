@@ -244,12 +244,17 @@ def methods_for(
     archive: Archive,
     ensure_local: Callable[[list[str]], None],
     commit: Callable[[list[tuple[str, str]], float], Any],
+    *,
+    federated: bool,
 ) -> dict[str, Method]:
-    """The channel's methods: the workers' writes, read-through and commitment."""
+    """The channel's methods: the workers' writes, read-through and commitment. ``federated``:
+    the workers' writes go to the change log the federation tails (nothing else would prune it)."""
 
     def do_write(args: list[Any]) -> list[Any]:
         attrs, version, dataset = args
-        ingested = archive.write_checked(dict(attrs), Version.from_wire(version), dataset)
+        ingested = archive.write_checked(
+            dict(attrs), Version.from_wire(version), dataset, log_change=federated
+        )
         return list(dataclasses.astuple(ingested.result(const.WRITE_TIMEOUT)))
 
     def do_ensure_local(args: list[Any]) -> None:
