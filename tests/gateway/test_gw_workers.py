@@ -295,3 +295,13 @@ async def test_workers_answer_a_full_archive_and_a_broken_dataset_with_their_sta
         broken.write_bytes(bytes(part.prefix) + bytes(part.dataset)[:301])
         sent = await asyncio.to_thread(store_files, host, port, AET, [broken])
         assert sent.failed == {broken: "status 0xC210"}
+
+
+def test_workers_setting_is_checked_and_zero_means_one_per_core() -> None:
+    from p2pacs.gateway.pool import resolve_workers
+
+    config = Config()
+    assert config.dicom.workers == 0 and not config.check()
+    assert resolve_workers(0) == (os.cpu_count() or 1) and resolve_workers(3) == 3
+    config.dicom.workers = -1
+    assert any("dicom.workers" in p for p in config.check())
