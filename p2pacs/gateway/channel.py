@@ -5,9 +5,10 @@ needs the federation, which runs only in the main process, goes over a Unix sock
 of studies not held here (``ensure_local``), the Storage Commitment check (``commit``), and the
 gateway's events for metrics and audit (``event``, one way).
 
-Wire: each message is a 4-byte big-endian length and a msgpack array. A request is
-``[id, method, args]``; the answer ``[id, ok, result-or-error-text]``. An event is a request
-with id 0 and gets no answer. Every wait is bounded; a failure reaches the caller as
+Wire: each message is two 4-byte big-endian lengths, a msgpack array and a payload of raw
+bytes (a forwarded dataset travels there, so it is never copied into or out of msgpack). A
+request is ``[id, method, args]``; the answer ``[id, ok, result-or-error]``. An event is a
+request with id 0 and gets no answer. Every wait is bounded; a failure reaches the caller as
 ``ChannelError``, which the DICOM handlers turn into a status.
 """
 
@@ -48,8 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct(">I")
-MAX_MESSAGE = 0xFFFF_FFFF  # bytes: what the 4-byte length can say (a forwarded dataset)
+MAX_HEADER = 64 << 20  # bytes of msgpack: a commitment request for ~500 k instances
 EVENT_QUEUE = 10_000  # events a worker holds while the main process is slow; more are dropped
 CONNECT_TIMEOUT = 5.0  # seconds to reach the main process's socket
 
@@ -72,9 +72,24 @@ class ChannelError(P2PacsError):
 # --- pure codec ----------------------------------------------------------------------------------
 
 
-def frame(message: list[Any]) -> bytes:
+_HEAD = struct.Struct(">II")  # msgpack length, payload length
+SMALL = 64 * 1024  # bytes: a message shorter than this is sent in one piece
+
+
+def frame(message: list[Any], payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
+    """The buffers of one message, to send in order."""
     body: bytes = msgpack.packb(message, use_bin_type=True)
-    return _LEN.pack(len(body)) + body
+    head = _HEAD.pack(len(body), len(payload))
+    if len(payload) + len(body) < SMALL:
+        return [head + body + bytes(payload)]
+    return [head + body, payload]
+
+
+def send_message(
+    sock: socket.socket, message: list[Any], payload: bytes | memoryview = b""
+) -> None:
+    for part in frame(message, payload):
+        sock.sendall(part)
 
 
 def _tuples(value: Any) -> Any:
@@ -113,11 +128,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def read_message(sock: socket.socket) -> Any:
-    (size,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    if size > MAX_MESSAGE:
-        raise ChannelError(f"message of {size} bytes refused (limit {MAX_MESSAGE})")
-    return msgpack.unpackb(_recv_exact(sock, size), raw=False)
+def read_message(sock: socket.socket) -> tuple[Any, bytearray]:
+    """One message and its payload."""
+    size, payload = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
+    if size > MAX_HEADER:
+        raise ChannelError(f"message of {size} bytes refused (limit {MAX_HEADER})")
+    return msgpack.unpackb(_recv_exact(sock, size), raw=False), _recv_exact(sock, payload)
 
 
 def _connect(path: Path, timeout: float) -> socket.socket:
@@ -155,14 +171,16 @@ class Caller:
         self.path = path
         self._local = threading.local()
 
-    def call(self, method: str, args: list[Any], timeout: float) -> Any:
+    def call(
+        self, method: str, args: list[Any], timeout: float, payload: bytes | memoryview = b""
+    ) -> Any:
         sock: socket.socket | None = getattr(self._local, "sock", None)
         try:
             if sock is None:
                 sock = self._local.sock = _connect(self.path, timeout)
             sock.settimeout(timeout)
-            sock.sendall(frame([1, method, args]))
-            _, ok, result = read_message(sock)
+            send_message(sock, [1, method, args], payload)
+            (_, ok, result), _ = read_message(sock)
         except (OSError, ValueError, msgpack.UnpackException, ChannelError) as exc:
             if sock is not None:
                 sock.close()
@@ -181,8 +199,8 @@ def call(path: Path, method: str, args: list[Any], timeout: float) -> Any:
     except OSError as exc:
         raise ChannelError(f"the site's main process is unreachable: {exc}") from exc
     try:
-        sock.sendall(frame([1, method, args]))
-        _, ok, result = read_message(sock)
+        send_message(sock, [1, method, args])
+        (_, ok, result), _ = read_message(sock)
     except TimeoutError as exc:
         raise ChannelError(f"{method}: no answer from the main process in {timeout:g} s") from exc
     except (OSError, ValueError, msgpack.UnpackException) as exc:
@@ -227,7 +245,7 @@ class EventSender:
             try:
                 if sock is None:
                     sock = _connect(self.path, CONNECT_TIMEOUT)
-                sock.sendall(frame([0, "event", encode_event(event)]))
+                send_message(sock, [0, "event", encode_event(event)])
             except OSError as exc:
                 self.dropped += 1
                 log.warning("event for the main process dropped: %s", exc)
@@ -241,7 +259,7 @@ class EventSender:
 
 # --- the main process's side ---------------------------------------------------------------------
 
-Method = Callable[[list[Any]], Any]
+Method = Callable[[list[Any], bytearray], Any]  # (args, payload) -> result
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -251,7 +269,7 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         while True:
             try:
-                message = read_message(sock)
+                message, payload = read_message(sock)
             except (ConnectionError, OSError):
                 return
             except (ChannelError, ValueError, msgpack.UnpackException) as exc:
@@ -262,17 +280,17 @@ class _Handler(socketserver.BaseRequestHandler):
             except (TypeError, ValueError):
                 log.warning("bad request from a gateway worker: %r", message)
                 return
-            answer = self.server.dispatch(str(method), args)
+            answer = self.server.dispatch(str(method), args, payload)
             if ident:
                 try:
-                    sock.sendall(frame([ident, *answer]))
+                    send_message(sock, [ident, *answer])
                 except OSError:
                     return
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
-    dispatch: Callable[[str, Any], tuple[bool, Any]]
+    dispatch: Callable[[str, Any, bytearray], tuple[bool, Any]]
 
 
 class ChannelServer:
@@ -299,7 +317,7 @@ class ChannelServer:
         self._thread.join(5.0)
         self.path.unlink(missing_ok=True)
 
-    def _dispatch(self, method: str, args: Any) -> tuple[bool, Any]:
+    def _dispatch(self, method: str, args: Any, payload: bytearray) -> tuple[bool, Any]:
         """Run one request; every failure becomes an error answer, never a dead connection."""
         if method == "event":
             try:
@@ -311,7 +329,7 @@ class ChannelServer:
         if fn is None:
             return False, ["ChannelError", f"unknown method {method!r}"]
         try:
-            return True, fn(args)
+            return True, fn(args, payload)
         except P2PacsError as exc:
             return False, [type(exc).__name__, str(exc)]
         except Exception as exc:

@@ -250,17 +250,17 @@ def methods_for(
     """The channel's methods: the workers' writes, read-through and commitment. ``federated``:
     the workers' writes go to the change log the federation tails (nothing else would prune it)."""
 
-    def do_write(args: list[Any]) -> list[Any]:
-        attrs, version, dataset = args
+    def do_write(args: list[Any], dataset: bytearray) -> list[Any]:
+        attrs, version = args
         ingested = archive.write_checked(
-            dict(attrs), Version.from_wire(version), dataset, log_change=federated
+            dict(attrs), Version.from_wire(version), memoryview(dataset), log_change=federated
         )
         return list(dataclasses.astuple(ingested.result(const.WRITE_TIMEOUT)))
 
-    def do_ensure_local(args: list[Any]) -> None:
+    def do_ensure_local(args: list[Any], _payload: bytearray) -> None:
         ensure_local([str(u) for u in args[0]])
 
-    def do_commit(args: list[Any]) -> list[Any]:
+    def do_commit(args: list[Any], _payload: bytearray) -> list[Any]:
         refs = [(str(c), str(s)) for c, s in args[0]]
         result = commit(refs, float(args[1]))
         return [result.committed, result.failed]

@@ -99,7 +99,9 @@ def _remote_write(caller: Caller) -> RemoteWrite:
     ) -> Future[Ingested]:
         result: Future[Ingested] = Future()
         try:
-            fields = caller.call("write", [attrs, version.to_wire(), dataset], const.WRITE_TIMEOUT)
+            fields = caller.call(
+                "write", [attrs, version.to_wire()], const.WRITE_TIMEOUT, payload=dataset
+            )
             result.set_result(Ingested(*fields))
         except P2PacsError as exc:
             result.set_exception(exc)

@@ -83,9 +83,11 @@ def test_channel_events_round_trip_and_bad_input_is_an_error() -> None:
     import msgpack
 
     for event in events:
-        wire = frame([0, "event", encode_event(event)])
-        _, _, raw = msgpack.unpackb(wire[4:], raw=False)
+        (wire,) = frame([0, "event", encode_event(event)])  # small: one buffer
+        _, _, raw = msgpack.unpackb(bytes(wire)[8:], raw=False)
         assert decode_event(raw) == event
+    big = frame([1, "write", []], b"x" * 100_000)  # a dataset is sent as it is, not copied
+    assert len(big) == 2 and big[1] == b"x" * 100_000
     for bad in (["NoSuchEvent", []], ["DicomRequest", [1]], "text", None):
         with pytest.raises(ChannelError):
             decode_event(bad)
