@@ -93,7 +93,6 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.on_restart: list[Callable[[int, int], None]] = []  # (slot, exit code)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -117,8 +116,7 @@ class WorkerPool:
                 f"cannot listen for DICOM on {self.config.bind}:{self.config.port}: "
                 f"{exc.strerror}; choose another port with 'serve --port'"
             ) from exc
-        sock.listen(LISTEN_BACKLOG)
-        sock.set_inheritable(True)
+        sock.listen(LISTEN_BACKLOG)  # not inheritable: ``pass_fds`` hands it to the workers only
         self._listener = sock
         # a short path: a Unix socket's path is limited to ~107 bytes
         self._dir = Path(tempfile.mkdtemp(prefix="p2pacs-gw-"))
@@ -191,8 +189,6 @@ class WorkerPool:
                     log.error("gateway worker %d could not be restarted: %s", slot.index, exc)
                     continue
                 slot.restarts += 1
-                for listener in self.on_restart:
-                    listener(slot.index, code)
 
     @staticmethod
     def _close_pipes(process: subprocess.Popen[bytes]) -> None:
