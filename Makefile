@@ -32,12 +32,14 @@ debs:
 	@missing=""; \
 	[ -x /usr/bin/storescu ] || missing="$$missing dcmtk"; \
 	[ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	[ -x /usr/bin/faketime ] || missing="$$missing faketime"; \
 	[ -x /usr/bin/rsync ] || missing="$$missing rsync"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	[ -x /usr/bin/prometheus ] || missing="$$missing prometheus"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	[ -x /usr/bin/npm ] || missing="$$missing npm"; \
 	[ -x /usr/sbin/rsyslogd ] || missing="$$missing rsyslog"; \
 	dpkg -s rsyslog-openssl >/dev/null 2>&1 || missing="$$missing rsyslog-openssl"; \
 	if [ -n "$$missing" ]; then \

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import resource
@@ -163,6 +164,9 @@ async def measure(s_count: int, n: int, changes: int, work: Path) -> dict[str, A
     out: dict[str, Any] = {"sites": s_count, "studies": n}
     (nodes, roots), build_s, _ = timed(lambda: build_federation(sites, n))
     out["build_trees_s"] = round(build_s, 1)
+    # the other sites' trees live in this process only to emulate them: keep the garbage
+    # collector off them, as a site's own long-lived entries are (Publisher.catch_up)
+    gc.freeze()
     folder = work / f"s{s_count}-n{n}"
     arc = Archive(folder / "observer", map_size=64 << 30, sync=True)
     try:

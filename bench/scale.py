@@ -17,6 +17,8 @@ One JSON line per size; the last line is a JSON object with every size.
 
     python bench/scale.py                  # 10 k and 100 k
     python bench/scale.py --max 1000000    # and 1 M (about 10 minutes of ingest)
+    python bench/scale.py --vs-orthanc     # C-FIND against Orthanc on the same 100 k instances
+                                           # (bench/cfind_vs_orthanc.py; --orthanc-size N)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import shutil
 import statistics
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -347,7 +350,21 @@ def main() -> None:
     ap.add_argument("--findscu", type=int, default=20, help="findscu runs per type (0: none)")
     ap.add_argument("--window", type=int, default=5000, help="instances of the marginal rate")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--vs-orthanc",
+        action="store_true",
+        help="instead: C-FIND against Orthanc on the same instances (bench/cfind_vs_orthanc.py)",
+    )
+    ap.add_argument("--orthanc-size", type=int, default=100_000, help="with --vs-orthanc")
+    args, rest = ap.parse_known_args()
+    if args.vs_orthanc:  # the other options of cfind_vs_orthanc.py (--context-fix...) pass on
+        other = Path(__file__).resolve().with_name("cfind_vs_orthanc.py")
+        argv = [sys.executable, str(other), "--orthanc-size", str(args.orthanc_size)]
+        argv += ["--per-study", str(args.per_study)]
+        argv += ["--dir", str(args.dir)] if args.dir else []
+        os.execv(sys.executable, argv + rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     sizes = [s for s in (10_000, 100_000, 1_000_000) if s < args.max] + [args.max]
 
     work = Path(tempfile.mkdtemp(prefix="p2pacs-scale-", dir=args.dir))

@@ -3,7 +3,9 @@
 An instance is the dataset bytes exactly as received (never decoded or re-encoded), addressed by
 their BLAKE3 hash; its file meta prefix is kept in the index beside the hash. Blob and index entry
 are written in the same LMDB transaction, so an instance is either fully archived or absent, and
-success is reported only after the commit is durable.
+success is reported only after the commit is durable. On a site whose bytes live in an object
+store (``store.backend = "s3"``) the blob is PUT and acknowledged first, then blob entry and index
+entry commit together: success still means both are durable.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from p2pacs import const
 from p2pacs.dicom import build_prefix, extract_attributes, split_part10
 from p2pacs.dicom.header import AttrValue
 from p2pacs.dicom.validate import plain_dataset, validate_dataset
-from p2pacs.errors import BlobNotFoundError, CorruptBlobError, InvalidDicomError, StoreError
+from p2pacs.errors import (
+    BlobNotFoundError,
+    CorruptBlobError,
+    InvalidDicomError,
+    StoreError,
+    TrimRefusedError,
+)
 from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
-from p2pacs.store import BlobStore, ChangeLog, SiteDB, hash_bytes
+from p2pacs.store import BlobStore, BlobWrite, ChangeLog, ObjectStore, SiteDB, hash_bytes
 
 __all__ = ["Archive", "Ingested", "RemoteWrite"]
 
@@ -53,9 +61,20 @@ RemoteWrite = Callable[[dict[str, AttrValue], Version, bytes | memoryview], Futu
 class Archive:
     """Store + index of one site. Thread-safe; one per site directory per process."""
 
-    def __init__(self, db_path: Path, *, map_size: int = const.DEFAULT_MAP_SIZE, sync: bool = True):
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        map_size: int = const.DEFAULT_MAP_SIZE,
+        sync: bool = True,
+        objects: ObjectStore | None = None,
+        offload: bool = False,
+        inline_max: int = const.INLINE_MAX,
+    ):
+        """``objects``/``offload``/``inline_max``: see ``BlobStore`` (the ``[store]`` s3_*
+        settings; ``Site.archive`` passes them)."""
         self.db = SiteDB(db_path, map_size=map_size, sync=sync)
-        self.blobs = BlobStore(self.db)
+        self.blobs = BlobStore(self.db, objects=objects, offload=offload, inline_max=inline_max)
         self.index = DicomIndex(self.db)
         self._listeners: list[Callable[[Ingested], None]] = []
         self._lock = threading.Lock()
@@ -152,14 +171,18 @@ class Archive:
         *,
         log_change: bool = False,
     ) -> Future[Ingested]:
-        """Queue blob (unless stored already) and index entry as one durable write job."""
+        """Queue blob (unless stored already) and index entry as one durable write job; a blob
+        bound for the object store is PUT (acknowledged) here first, on the caller's thread."""
         if self.remote_write is not None and dataset is not None:
             return self.remote_write(attrs, version, dataset)
         h = version.hash
+        blob: BlobWrite | None = None
+        if dataset is not None:
+            blob = self.blobs.prepare(h, dataset)
 
         def job(txn: lmdb.Transaction) -> IndexUpdate:
-            if dataset is not None:
-                self.blobs.write_in(txn, h, dataset)
+            if blob is not None:
+                blob.apply(txn)
             elif not self.blobs.has_in(txn, h):
                 raise BlobNotFoundError(f"blob {h} is not stored; it cannot be indexed")
             update = self.index.add(txn, attrs, version)
@@ -167,10 +190,13 @@ class Archive:
                 self.changes.append(txn, update.study_uid)
             return update
 
-        write = self.db.submit(job, weight=version.size if dataset is not None else 0)
+        weight = version.size if blob is not None and blob.local else 0
+        write = self.db.submit(job, weight=weight)
         result: Future[Ingested] = Future()
 
         def done(fut: Future[IndexUpdate]) -> None:
+            if blob is not None:
+                blob.release()
             exc = fut.exception()
             if exc is not None:
                 result.set_exception(exc)
@@ -227,6 +253,36 @@ class Archive:
                 listener(ingested)
             except Exception:
                 log.exception("ingest listener failed for %s", ingested.sop_uid)
+
+    # --- dropping a surplus copy -------------------------------------------------------------
+
+    def drop_study_in(
+        self, txn: lmdb.Transaction, study_uid: str, checked: set[tuple[str, str]]
+    ) -> tuple[int, int, int]:
+        """Remove a study's index entries and instance blobs inside the caller's write
+        transaction; returns (instances, blobs, bytes) removed.
+
+        ``checked`` is every (SOP Instance UID, hash) the caller verified other sites hold:
+        a version not in it (one that arrived since) raises ``TrimRefusedError`` and, the
+        transaction being the caller's, nothing is removed. A blob is removed with the last
+        instance version naming it. No other study's instance can name it: a blob's bytes hold
+        its SOP Instance UID, and the index files each SOP Instance UID under one study only
+        (``ix_sop``), the one being removed here; manifests and catalogue nodes are blobs of
+        another kind (msgpack, never a dataset)."""
+        removed = self.index.remove_study(txn, study_uid)
+        extra = sorted({(sop, v.hash) for sop, v in removed} - checked)
+        if extra:
+            raise TrimRefusedError(
+                f"study {study_uid} has {len(extra)} versions here that were not checked at "
+                "other sites; kept"
+            )
+        instances = len({sop for sop, _ in removed})
+        blobs = size = 0
+        for h, n in {v.hash: v.size for _, v in removed}.items():
+            if self.blobs.delete_in(txn, h):
+                blobs += 1
+                size += n
+        return instances, blobs, size
 
     # --- export ---------------------------------------------------------------------------------
 

@@ -64,6 +64,21 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
 class StoreConfig:
     map_size: int = const.DEFAULT_MAP_SIZE  # bytes of address space for the LMDB map
     sync: bool = True  # fsync every commit; never turn off for clinical data
+    # where instance bytes live (docs/operations.md "Instance bytes on an object store"): "lmdb"
+    # (in the site database) or "s3" (an S3-compatible object store; the index stays in LMDB)
+    backend: str = "lmdb"
+    s3_endpoint: str = ""  # "https://host:port"; empty: AWS's own endpoint for s3_region
+    s3_bucket: str = ""
+    s3_prefix: str = "p2pacs/"  # key prefix; give each site its own when sites share a bucket
+    s3_region: str = "us-east-1"
+    s3_addressing: str = "path"  # "path" (SeaweedFS, MinIO, Ceph RGW), "virtual" (AWS), "auto"
+    s3_verify_tls: bool = True  # never turn off outside a test bench
+    s3_ca_bundle: str = ""  # PEM file of the CA behind the endpoint's certificate; empty: system
+    # TOML file with access_key_id and secret_access_key, mode 0600, relative to the site folder;
+    # empty: the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or instance credentials
+    s3_credentials_file: str = ""
+    s3_inline_max: int = const.INLINE_MAX  # bytes: blobs up to this stay in LMDB
+    s3_multipart_threshold: int = const.MULTIPART_THRESHOLD  # bytes: larger go up in parts
 
 
 @dataclass(slots=True)
@@ -75,6 +90,10 @@ class DicomConfig:
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty: accept any calling AE
     destinations: dict[str, str] = field(default_factory=dict)  # C-MOVE AE title -> "host:port"
     network_timeout: float = 60.0  # seconds of silence before an association is dropped
+    # C-GET/C-MOVE: when a peer accepted, of what we can encode, only a lossy syntax (JPEG
+    # 2000), send it lossy-compressed copies (off: such a sub-operation fails). Stored bytes
+    # never change either way.
+    lossy_transcoding: bool = False
     # gateway processes sharing the DICOM port: 0 = one per core, 1 = the gateway runs in the
     # site's own process (docs/architecture.md, "Gateway workers")
     workers: int = 0
@@ -100,6 +119,10 @@ class FederationConfig:
     dht_capacity: int = const.DHT_CAPACITY  # bytes the DHT record store may use
     recover_give_up: float = 600.0  # seconds a study may keep failing before recover reports it
     metadata_grace: float = 3600.0  # seconds superseded catalogue nodes and manifests are kept
+    # seconds a study must stay over-replicated (every member up) before a surplus copy, one
+    # outside its placement, is dropped; 0 never drops one. A day: an outage's copies outlive
+    # the usual flaps and restarts, and the archive still shrinks back within days
+    trim_after: float = 86400.0
 
 
 LOOPBACK_HOSTS = ("localhost", "::1")  # besides 127.0.0.0/8: where plain HTTP may listen
@@ -122,6 +145,10 @@ class WebConfig:
     tokens: dict[str, str] = field(default_factory=dict)  # name -> "sha256$HEX" of the token
     users: dict[str, str] = field(default_factory=dict)  # name -> "scrypt$N$r$p$SALT$HASH"
     refresh: float = 5.0  # seconds between refreshes of the status page in the browser
+    # origins ("https://viewer.example:8443") whose pages may call this server from a browser
+    # (CORS, e.g. a web viewer on another host or port); empty: same origin only
+    cors_origins: list[str] = field(default_factory=list)
+    dicomweb: bool = True  # serve DICOMweb (QIDO/WADO/STOW-RS) at /dicomweb (docs/dicomweb.md)
 
     def check(self) -> list[str]:
         problems = []
@@ -139,6 +166,10 @@ class WebConfig:
             why = credentials.token_problem(stored) if isinstance(stored, str) else "not text"
             if why:
                 problems.append(f"web.tokens.{name}: {why} (make one with 'p2pacs web token add')")
+        for origin in self.cors_origins:
+            why = origin_problem(origin) if isinstance(origin, str) else "not text"
+            if why:
+                problems.append(f"web.cors_origins: {origin!r}: {why}")
         if not self.enabled:
             return problems
         if not self.users and not self.tokens:
@@ -158,6 +189,17 @@ class WebConfig:
                 "web.plain_http = true with a loopback web.bind"
             )
         return problems
+
+
+def origin_problem(origin: str) -> str:
+    """Why ``origin`` is not a web origin as a browser sends it (RFC 6454: scheme://host[:port],
+    no path, no trailing slash), or "" when it is."""
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest:
+        return "expected http://HOST[:PORT] or https://HOST[:PORT]"
+    if "/" in rest or "?" in rest or "#" in rest or "*" in rest or origin != origin.strip():
+        return "an origin has no path, wildcard or trailing slash"
+    return ""
 
 
 def is_loopback(host: str) -> bool:
@@ -273,6 +315,8 @@ class Config:
         ):
             if not value > 0:
                 problems.append(f"{key} = {value} must be more than 0 seconds")
+        if not f.trim_after >= 0:
+            problems.append(f"federation.trim_after = {f.trim_after} must be 0 (never) or more")
         if st.map_size < 1 << 20:
             problems.append(f"store.map_size = {st.map_size} must be at least 1 MiB (1048576)")
         problems.extend(self.web.check())
@@ -286,6 +330,7 @@ class Config:
                         f"web.port and {key} are both {port}: give them different ports"
                     )
         problems += _audit_problems(self.audit)
+        problems.extend(_store_problems(st))
         return problems
 
     # --- one setting at a time: 'p2pacs config get/set' ---------------------------------------
@@ -341,6 +386,24 @@ def _audit_problems(a: AuditConfig) -> list[str]:
             parse_hostport(rest, 6514 if scheme == "tls" else 514)
         except ConfigError as exc:
             problems.append(f"audit.repositories: {exc}")
+    return problems
+
+
+def _store_problems(st: StoreConfig) -> list[str]:
+    """The object-store settings (``backend = "s3"``) checked."""
+    problems = []
+    if st.backend not in ("lmdb", "s3"):
+        problems.append(f'store.backend = {st.backend!r} must be "lmdb" or "s3"')
+    if st.backend == "s3" and not st.s3_bucket:
+        problems.append('store.backend = "s3" needs store.s3_bucket')
+    if st.s3_addressing not in ("path", "virtual", "auto"):
+        problems.append(f'store.s3_addressing = {st.s3_addressing!r}: "path", "virtual" or "auto"')
+    if st.s3_endpoint and not st.s3_endpoint.startswith(("http://", "https://")):
+        problems.append(f"store.s3_endpoint = {st.s3_endpoint!r} must start with https://")
+    if st.s3_inline_max < 0:
+        problems.append("store.s3_inline_max must be 0 or more bytes")
+    if st.s3_multipart_threshold < 5 << 20:
+        problems.append("store.s3_multipart_threshold must be at least 5 MiB (S3's least part)")
     return problems
 
 

@@ -19,12 +19,14 @@ __all__ = [
     "InvalidDicomError",
     "MalformedDatasetError",
     "MembershipError",
+    "ObjectStoreUnavailableError",
     "P2PacsError",
     "PeerUnavailableError",
     "RecoveryError",
     "ReplicationError",
     "StoreError",
     "StoreFullError",
+    "TranscodeError",
     "TransferError",
     "WebError",
 ]
@@ -46,6 +48,12 @@ class StoreFullError(StoreError):
     """The LMDB map is full; nothing already stored is lost. Raise ``map_size`` in the config."""
 
 
+class ObjectStoreUnavailableError(StoreError):
+    """The object store holding this site's instance bytes does not answer (or answers with
+    5xx or throttling after every retry); nothing was acknowledged. Ingest resumes by itself
+    once it answers again."""
+
+
 class BlobNotFoundError(StoreError, KeyError):
     """No blob with this hash is stored here."""
 
@@ -64,6 +72,11 @@ class InvalidDicomError(P2PacsError):
 class MalformedDatasetError(InvalidDicomError):
     """The dataset is not structurally whole (an element, item or delimiter is cut short, runs
     past its container or is missing); the message says at which byte and tag it broke."""
+
+
+class TranscodeError(P2PacsError):
+    """An instance cannot be converted to the transfer syntax asked for (no codec for its
+    pixel data, an encoder that cannot hold the image, data the decoder refuses)."""
 
 
 class DicomIndexError(P2PacsError):
@@ -96,6 +109,10 @@ class IntegrityError(TransferError):
 
 class ReplicationError(P2PacsError):
     """Replication or repair could not restore the replication factor."""
+
+
+class TrimRefusedError(ReplicationError):
+    """A surplus copy was not dropped: the study changed here since it was checked."""
 
 
 class RecoveryError(P2PacsError):

@@ -8,6 +8,7 @@ cleanly on SIGTERM/SIGINT and a test can start a site in-process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,15 +27,17 @@ from cryptography import x509
 from p2pacs import __version__
 from p2pacs.archive import Archive
 from p2pacs.audit import AuditTrail, Local, StudyInfo, TrailSettings
-from p2pacs.const import STATUS_SCHEMA
+from p2pacs.const import ORPHAN_GRACE, ORPHAN_SWEEP_INTERVAL, STATUS_SCHEMA
 from p2pacs.control.api import ControlPlane
 from p2pacs.control.client import RUNFILE
+from p2pacs.dicomweb import dicomweb_app
 from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.events import Lifecycle
 from p2pacs.federation.changes import ChangeTailer
 from p2pacs.federation.continuity import settle_at_start
 from p2pacs.federation.identity import CA_CERT, SITE_CERT, SITE_KEY
 from p2pacs.federation.node import FederationNode
+from p2pacs.federation.search import FederatedSearch
 from p2pacs.gateway import CommitmentResult, Gateway
 from p2pacs.gateway.pool import WorkerPool, methods_for, resolve_workers
 from p2pacs.healing.commitment import check_commitment
@@ -51,6 +54,7 @@ __all__ = ["RUNFILE", "SiteNode"]
 log = logging.getLogger(__name__)
 
 AUDIT_DIR = "audit"  # the local audit log, in the site directory unless audit.log_dir says
+DICOMWEB_PREFIX = "/dicomweb"  # where the web server serves DICOMweb
 AUDIT_STOP_TIMEOUT = 5.0  # seconds a stopping site gives the audit repositories to catch up
 
 
@@ -77,6 +81,8 @@ class SiteNode:
         # more route sets for the web server (e.g. DICOMweb): each is called with the server
         # before it starts and mounts its routes with ``add_routes`` or ``add_app``
         self.web_parts: list[Callable[[WebServer], None]] = []
+        self._sweeper: asyncio.Task[None] | None = None  # orphan objects (store.backend "s3")
+        self._stopping = asyncio.Event()
 
     @property
     def dicom_address(self) -> tuple[str, int]:
@@ -109,6 +115,8 @@ class SiteNode:
             await self._start_federation()
         if self.site.config.web.enabled:
             await self._start_web(archive)
+        if archive.blobs.objects is not None:
+            self._sweeper = asyncio.create_task(self._sweep_orphans(), name="orphan-sweep")
         archive.events.emit(
             Lifecycle("start", self.site.config.federation.name or self.site.path.name)
         )
@@ -118,9 +126,8 @@ class SiteNode:
         """The gateway as worker processes on one shared port (docs/architecture.md)."""
         config = self.site.config
         self.workers = WorkerPool(
-            db_path=self.site.db_path,
-            map_size=config.store.map_size,
-            sync=config.store.sync,
+            site_path=self.site.path,
+            store=config.store,
             config=config.dicom,
             bus=archive.events,
             methods=methods_for(archive, self._ensure_local, self._commitment, federated=enrolled),
@@ -135,11 +142,26 @@ class SiteNode:
         server = WebServer(config, archive.events, base=self.site.path)
         self.web_status = status = StatusRoutes(self.status, archive.events, refresh=config.refresh)
         server.add_routes(status.install)
+        if config.dicomweb:
+            self._mount_dicomweb(server, archive)
         for part in self.web_parts:
             part(server)
         await server.start()
         self.web = server
         log.info("status page and metrics at %s/", server.url)
+
+    def _mount_dicomweb(self, server: WebServer, archive: Archive) -> None:
+        """DICOMweb at /dicomweb: STOW-RS into ``archive.submit`` (the C-STORE path), the
+        federation searched and read through when enrolled."""
+        fed = self.federation
+        server.add_app(
+            DICOMWEB_PREFIX,
+            dicomweb_app(
+                archive,
+                federation=FederatedSearch(fed) if fed is not None else None,
+                ae_title=self.site.config.dicom.ae_title,
+            ),
+        )
 
     def _start_audit(self, archive: Archive) -> None:
         cfg, fed = self.site.config.audit, self.site.config.federation
@@ -182,6 +204,25 @@ class SiteNode:
             return None
         classes = Counter(i.sop_class_uid for i in archive.index.study_instances(study_uid))
         return StudyInfo(str(record.attrs.get("PatientID", "")), tuple(sorted(classes.items())))
+
+    async def _sweep_orphans(self) -> None:
+        """Remove objects a crash left between their PUT and their index commit, at start and
+        then every ``ORPHAN_SWEEP_INTERVAL`` (on a thread: it lists the whole bucket prefix)."""
+        assert self.archive is not None
+        blobs = self.archive.blobs
+        while not self._stopping.is_set():
+            try:
+                removed = await asyncio.to_thread(
+                    blobs.sweep_objects, ORPHAN_GRACE, self._stopping.is_set
+                )
+                if removed:
+                    log.warning("removed %d orphan objects from the object store", removed)
+            except P2PacsError as exc:
+                log.error("orphan sweep of the object store failed: %s", exc)
+            except Exception:  # a background loop logs and tries again; it never dies
+                log.exception("orphan sweep of the object store failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), ORPHAN_SWEEP_INTERVAL)
 
     def _settle_baseline(self, archive: Archive) -> None:
         holds = next(iter(archive.index.studies()), None) is not None
@@ -281,6 +322,9 @@ class SiteNode:
             "storage": storage,
             "federation": None,
             "audit": self.audit.snapshot() if self.audit is not None else None,
+            "store_backend": self.site.config.store.backend,
+            # reachable, since, last error and request counts; None on a site with no object store
+            "object_store": archive.blobs.objects.health() if archive.blobs.objects else None,
         }
         fed, healer, recovery = self.federation, self.healer, self.recovery
         if fed is not None and healer is not None and recovery is not None:
@@ -313,6 +357,10 @@ class SiteNode:
         if self.web_status is not None:
             self.web_status.close()
             self.web_status = None
+        self._stopping.set()
+        if self._sweeper is not None:
+            await self._sweeper  # a sweep under way stops at its next object, before the close
+            self._sweeper = None
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None

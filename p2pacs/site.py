@@ -181,6 +181,17 @@ class Site:
         self.config.save(self.config_path)
 
     def archive(self) -> Archive:
+        st = self.config.store
+        objects = None
+        if st.s3_bucket:  # boto3 is imported only by sites that use an object store
+            from p2pacs.store.s3 import open_object_store
+
+            objects = open_object_store(st, self.path)
         return Archive(
-            self.db_path, map_size=self.config.store.map_size, sync=self.config.store.sync
+            self.db_path,
+            map_size=st.map_size,
+            sync=st.sync,
+            objects=objects,
+            offload=st.backend == "s3",
+            inline_max=st.s3_inline_max,
         )

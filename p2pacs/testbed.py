@@ -257,6 +257,7 @@ class Testbed:
         record_ttl: float | None = None,
         recover_give_up: float | None = None,
         metadata_grace: float | None = None,
+        trim_after: float | None = None,
         workers: int = 1,
     ):
         """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
@@ -303,6 +304,8 @@ class Testbed:
                 site.config.federation.recover_give_up = recover_give_up
             if metadata_grace is not None:
                 site.config.federation.metadata_grace = metadata_grace
+            if trim_after is not None:
+                site.config.federation.trim_after = trim_after
             site.config.dicom.bind = site_host
             site.config.dicom.workers = workers
             site.save_config()

@@ -195,3 +195,32 @@ def test_failing_job_does_not_spoil_its_group(tmp_path: Path) -> None:
     assert not store.has(hash_bytes(b"half"))
     assert all(store.has(hash_bytes(d)) for d in ok)
     db.close()
+
+
+def _scan(store: BlobStore) -> tuple[int, int]:
+    hashes = list(store.hashes())
+    return len(hashes), sum(store.info(h).size for h in hashes)
+
+
+def test_totals_follow_every_write_without_a_scan(tmp_path: Path) -> None:
+    db = SiteDB(tmp_path / "db", map_size=1 << 26, sync=False)
+    try:
+        store = BlobStore(db, chunk_size=1000)
+        assert store.totals() == (0, 0)
+        rng = random.Random(3)
+        blobs = [rng.randbytes(rng.randrange(0, 5000)) for _ in range(40)]
+        hashes = [store.put(b) for b in blobs]
+        store.put(blobs[0])  # stored once
+        store.put_stream(iter([b"x" * 1500, b"y" * 700]), hash_bytes(b"x" * 1500 + b"y" * 700))
+        assert store.totals() == _scan(store) == (41, sum(map(len, blobs)) + 2200)
+        assert store.delete(hashes[3]) and not store.delete(hashes[3])
+        db.write(lambda txn: store.delete_in(txn, hashes[4]))
+        assert store.totals() == _scan(store)
+        # an archive written before the counters existed is counted once, then kept counted
+        db.write(lambda txn: txn.delete(b"blobs", db=db.db("blob_totals")))
+        store.put(b"one more")
+        assert store.totals() == _scan(store)
+        store.put(b"and another")
+        assert store.totals() == _scan(store)
+    finally:
+        db.close()

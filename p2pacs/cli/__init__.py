@@ -25,6 +25,7 @@ from p2pacs.cli import (
     healing_cmds,
     node_cmds,
     serve_cmds,
+    store_cmds,
     web_cmds,
 )
 from p2pacs.cli.common import CommandError
@@ -43,6 +44,7 @@ _GROUPS = [
     healing_cmds,
     demo_cmds,
     web_cmds,
+    store_cmds,
 ]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from p2pacs.cli.common import CommandError, console, open_site, progress_bar
 from p2pacs.cli.serve_cmds import ports_taken_message
+from p2pacs.const import RECOVER_NOTICE_EVERY, RECOVER_WAIT
 from p2pacs.control.client import LocalNode, connect, node_address
 from p2pacs.site import Site, SiteRunningError
 
@@ -29,12 +30,30 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "recover", help="rebuild this site's archive from the other members (resumable)"
     )
+    p.add_argument(
+        "--wait",
+        type=_seconds,
+        default=RECOVER_WAIT,
+        metavar="SECONDS",
+        help="while a wiped site cannot find its last record (no member answers, or none has "
+        f"it), exit 1 saying why after this long (default {RECOVER_WAIT:g})",
+    )
     p.set_defaults(func=cmd_recover)
     p = sub.add_parser(
         "scrub", help="re-hash every stored blob; --repair fixes bad ones from peers"
     )
     p.add_argument("--repair", action="store_true", help="replace corrupt blobs from a peer")
     p.set_defaults(func=cmd_scrub)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds more than 0")
+    return value
 
 
 async def _drive(
@@ -70,14 +89,22 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, Any]:
         last: dict[str, Any] = {}
+        said, said_at = "", 0.0
+        loop = asyncio.get_running_loop()
         with progress_bar(transfer=True) as bar:
             task = bar.add_task("recover", total=None)
             # aclosing: a node started here stops inside this task, its sockets closed
-            async with aclosing(_drive(site, "/v1/recover", {})) as events:
+            params = {"wait": str(args.wait)}
+            async with aclosing(_drive(site, "/v1/recover", params)) as events:
                 async for event in events:
                     if event.get("end"):
                         last = event
                         break
+                    notice = event.get("notice", "")
+                    now = loop.time()
+                    if notice and (notice != said or now - said_at >= RECOVER_NOTICE_EVERY):
+                        bar.console.print(f"[yellow]waiting:[/] {notice}")
+                        said, said_at = notice, now
                     done, total = event["studies_done"], event["studies_total"]
                     bar.update(
                         task,

@@ -10,12 +10,14 @@ site's parts through narrow views (``ports``): the federation node, anti-entropy
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from p2pacs.const import RECOVER_NOTICE_EVERY, RECOVER_WAIT
 from p2pacs.control.ports import HealerPort, RecoveryPort
 from p2pacs.control.stream import Emit, stream
 from p2pacs.errors import RecoveryError
@@ -120,17 +122,29 @@ class ControlPlane:
         return await stream(request, run)
 
     async def recover(self, request: web.Request) -> web.StreamResponse:
-        """Stream the recovery's progress until every queued study is back or given up on."""
+        """Stream the recovery's progress until every queued study is back or given up on.
+
+        ``wait``: seconds to wait for the plan (a wiped site finding its last record) before
+        ending with the reason; meanwhile every event carries ``notice``, what it waits for."""
         self._only_self(request)
         recovery = self.recovery
+        try:
+            wait = float(request.query.get("wait", RECOVER_WAIT))
+        except ValueError:
+            wait = -1.0
+        if not 0 < wait < float("inf"):
+            raise web.HTTPBadRequest(text="wait must be a number of seconds, more than 0")
 
         async def run(emit: Emit) -> dict[str, Any]:
+            def event(progress: Any) -> dict[str, Any]:
+                return {**dataclasses.asdict(progress), "notice": recovery.waiting()}
+
             def listener(progress: Any) -> None:
-                emit(dataclasses.asdict(progress))
+                emit(event(progress))
 
             recovery.listeners.append(listener)
             try:
-                await recovery.wait_until(lambda: recovery.planned.is_set() or recovery.stuck())
+                await self._planned(recovery, wait, lambda: emit(event(recovery.progress)))
                 if not recovery.planned.is_set():
                     raise RecoveryError(recovery.error or recovery.full)
                 await recovery.wait_until(recovery.settled)
@@ -146,6 +160,29 @@ class ControlPlane:
             return result
 
         return await stream(request, run)
+
+    @staticmethod
+    async def _planned(recovery: RecoveryPort, wait: float, remind: Callable[[], None]) -> None:
+        """Wait until recovery is planned or stuck, reminding the caller every few seconds of
+        what it waits for; a plan still failing after ``wait`` seconds ends it with the reason
+        (no member answers, none holds this site's record...), the site looking on meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+
+        def done() -> bool:
+            return recovery.planned.is_set() or recovery.stuck()
+
+        while not done():
+            remind()
+            left = deadline - loop.time()
+            if left <= 0 and recovery.error:
+                raise RecoveryError(
+                    f"{recovery.error} (recover waited {wait:g} s; the site keeps looking while "
+                    "it runs: run recover again, with a longer --wait if needed)"
+                )
+            step = RECOVER_NOTICE_EVERY if left <= 0 else min(RECOVER_NOTICE_EVERY, left)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recovery.wait_until(done), step)
 
     async def scrub(self, request: web.Request) -> web.StreamResponse:
         self._only_self(request)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ import msgpack
 from p2pacs.errors import BlobNotFoundError, IntegrityError
 from p2pacs.federation import cattree
 from p2pacs.federation.catalogue import CatalogueEntry, StudyHolding
+from p2pacs.looplag import bulk
 from p2pacs.store import BlobStore, SiteDB
 
 __all__ = ["CatalogueStore", "Committed"]
@@ -154,10 +155,11 @@ class CatalogueStore:
         old = self.root(site_id)
         if old == new_root:
             return Committed(site_id, new_root)
-        d = cattree.diff(self.nodes, old, new_root)
-        step = _NewRoot(site_id, old, new_root, list(d.added), list(d.removed),
-                        [(c.study_uid, c.old, c.new) for c in d.changes])  # fmt: skip
-        return self.db.write(lambda txn: self._commit(txn, step))
+        with bulk():  # a first copy lists every entry: no full collections meanwhile
+            d = cattree.diff(self.nodes, old, new_root)
+            step = _NewRoot(site_id, old, new_root, list(d.added), list(d.removed),
+                            [(c.study_uid, c.old, c.new) for c in d.changes])  # fmt: skip
+            return self.db.write(lambda txn: self._commit(txn, step))
 
     def commit_own(
         self,
@@ -165,11 +167,16 @@ class CatalogueStore:
         old_root: str,
         changes: list[EntryChange],
         manifests: dict[str, bytes],
+        also: Callable[[lmdb.Transaction], object] | None = None,
     ) -> Committed:
         """This site's new tree (from ``cattree.apply``) with the manifests it names: blobs,
-        counts, holders and root in one durable transaction."""
+        counts, holders and root in one durable transaction. ``also`` runs first in that same
+        transaction (dropping a trimmed study's data with its entry): if it raises, nothing
+        is committed."""
 
         def job(txn: lmdb.Transaction) -> Committed:
+            if also is not None:
+                also(txn)
             for h, data in (*manifests.items(), *update.new.items()):
                 self.blobs.write_in(txn, h, data)
             step = _NewRoot(self.own, old_root, update.root, list(update.added),

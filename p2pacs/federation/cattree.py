@@ -2,8 +2,8 @@
 
 The catalogue lists every study a site holds, (study, manifest hash, date, counts). Kept as
 one blob it had to be re-encoded, stored and copied whole by every member on each change. Here
-it is a Merkle trie over the BLAKE3 of each study UID (16 children per inner node, one hex digit
-of the key per level), whose nodes are blobs addressed by their hash like any other:
+it is a binary Merkle trie over the BLAKE3 of each study UID (one bit of the key per level),
+whose nodes are blobs addressed by their hash like any other:
 
 - a node is a leaf when its part of the key space holds at most ``LEAF_MAX`` studies, an inner
   node otherwise, so the shape depends only on the set of entries (history-independent, as a
@@ -14,7 +14,11 @@ of the key per level), whose nodes are blobs addressed by their hash like any ot
 
 Chosen over range-based set reconciliation because the tree is also the durable, verifiable
 object a wiped site recovers from by its root hash alone, and over a Merkle search tree because
-a fixed fan-out keyed by uniform hashes keeps depth at log16(n / LEAF_MAX) without balancing.
+uniform keys keep the trie balanced without rebalancing. Binary rather than 16-way: a leaf of a
+binary trie over uniform keys holds LEAF_MAX x ln 2 (~44) studies on average whatever n is,
+while 16-way leaves swing between LEAF_MAX/16 and LEAF_MAX as n grows, and so would the cost of
+a change; an inner node is ~90 bytes, so the path (log2(n / 44) nodes) stays small beside the
+leaf: a change costs ~5-6 KB from a thousand studies to a million.
 Pure: nodes come from a ``NodeSource`` (the blob store, or a dict in tests).
 """
 
@@ -50,9 +54,9 @@ __all__ = [
 ]
 
 EMPTY = ""  # the root of a catalogue with no studies (no node at all)
-FANOUT = 16  # children per inner node: one hex digit of the study key per level
-LEAF_MAX = 64  # studies per leaf: ~7 KB leaves, so one changed study costs ~10 KB with its path
-MAX_DEPTH = 63  # hex digits of a 32-byte key beyond the first; never reached in practice
+FANOUT = 2  # children per inner node: one bit of the study key per level
+LEAF_MAX = 64  # studies per leaf at most (~44 on average, ~5 KB)
+MAX_DEPTH = 255  # bits of a 32-byte key beyond the first; never reached in practice
 _VERSION = 1
 _LEAF, _INNER = 0, 1
 
@@ -63,8 +67,7 @@ def study_key(study_uid: str) -> bytes:
 
 
 def _digit(key: bytes, depth: int) -> int:
-    byte = key[depth // 2]
-    return (byte >> 4) if depth % 2 == 0 else (byte & 0x0F)
+    return (key[depth // 8] >> (7 - depth % 8)) & 1
 
 
 class NodeSource(Protocol):
@@ -325,7 +328,16 @@ def _diff(source: NodeSource, old: str, new: str, out: TreeDiff) -> None:
         for ca, cb in zip(a.children, b.children, strict=True):
             _diff(source, ca.hash, cb.hash, out)
         return
-    # a leaf against anything: compare the entries below each side (one side is small)
+    if a is None or b is None:  # a subtree appeared or went: every entry below it changed
+        gone = a is not None
+        for e in _all(
+            source, a if gone else b, old if gone else new, out.removed if gone else out.added
+        ):
+            out.changes.append(
+                TreeChange(e.study_uid, e, None) if gone else TreeChange(e.study_uid, None, e)
+            )
+        return
+    # a leaf against a subtree: compare the entries below each side (one side is small)
     left = {e.study_uid: e for e in _all(source, a, old, out.removed)}
     right = {e.study_uid: e for e in _all(source, b, new, out.added)}
     for uid in sorted(left.keys() | right.keys()):

@@ -53,3 +53,8 @@ class EntryTable:
     def delete(self, study_uid: str) -> Future[bool]:
         table = self._table
         return self._db.submit(lambda txn: bool(txn.delete(study_uid.encode(), db=table)))
+
+    def delete_in(self, txn: Any, study_uids: Iterable[str]) -> None:
+        """Remove entries inside the caller's write transaction."""
+        for uid in study_uids:
+            txn.delete(uid.encode(), db=self._table)

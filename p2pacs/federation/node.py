@@ -477,6 +477,11 @@ class FederationNode:
         if fresh:
             await self._bootstrap(fresh)
 
+    def bootstrap_addresses(self) -> list[tuple[str, int]]:
+        """Where this site looks for the federation: ``[federation] bootstrap``, then the
+        members it knows (``recover`` names them when nobody answers)."""
+        return self._bootstrap_addresses()
+
     def _bootstrap_addresses(self) -> list[tuple[str, int]]:
         addrs = [parse_hostport(b, self.config.dht_port) for b in self.config.bootstrap]
         return addrs + [(m.record.host, m.record.dht_port) for m in self.members]
@@ -644,6 +649,10 @@ class FederationNode:
 
     def _lock(self, study_uid: str) -> asyncio.Lock:
         return self._study_locks.setdefault(study_uid, asyncio.Lock())
+
+    def study_lock(self, study_uid: str) -> asyncio.Lock:
+        """Held while a fetch of the study runs; dropping a surplus copy takes it too."""
+        return self._lock(study_uid)
 
     async def fetch_blob(self, h: str, size: int | None, peers: list[Peer]) -> None:
         """Fetch one blob (manifest, catalogue, instance) from the first holder that has it."""

@@ -14,8 +14,12 @@ keep their previous manifest hash, so a recovering site never advertises that it
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import lmdb
 
 from p2pacs import failpoints
 from p2pacs.archive import Archive
@@ -30,6 +34,7 @@ from p2pacs.federation.catalogue import (
 from p2pacs.federation.catstore import CatalogueStore, Committed, EntryChange
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.manifest import Manifest, build_manifest
+from p2pacs.looplag import bulk
 from p2pacs.store import hash_bytes
 
 __all__ = ["CatalogueNotCopiedError", "Publisher"]
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 BATCH_WINDOW = 0.3  # seconds to gather instances of a study before publishing it once
 
 PutFn = Callable[[str, str, bytes, float], Awaitable[int]]
+T = TypeVar("T")
 
 
 class Publisher:
@@ -94,6 +100,10 @@ class Publisher:
         index = self.archive.index
 
         def scan() -> tuple[dict[str, CatalogueEntry], list[str]]:
+            with bulk():
+                return scan_all()
+
+        def scan_all() -> tuple[dict[str, CatalogueEntry], list[str]]:
             entries = self._published.load()
             changed = [
                 s.study_uid
@@ -104,6 +114,10 @@ class Publisher:
 
         entries, changed = await asyncio.to_thread(scan)
         self.entries = {**entries, **self.entries}
+        # one entry object per study held, alive for the whole run: out of the cyclic garbage
+        # collector's reach, or each full collection walks them all while holding the GIL (a
+        # stall of the event loop that grows with the archive)
+        gc.freeze()
         async with self._tree:
             root = await asyncio.to_thread(self.store.root, self.store.own)
             if root == cattree.EMPTY and entries:  # published before the tree existed here
@@ -200,6 +214,49 @@ class Publisher:
             await self._adopt_root(committed.root)
             for listener in self.on_committed:
                 listener(committed)
+
+    async def remove(
+        self, study_uids: list[str], drop: Callable[[lmdb.Transaction], T]
+    ) -> T | None:
+        """Take studies out of this site's catalogue tree (a surplus copy trimmed: the one case
+        an entry is removed) in the transaction that runs ``drop`` (which deletes their data),
+        so the tree never lists a study the archive no longer holds, nor the other way round.
+        Returns what ``drop`` returned; None, dropping nothing, if the tree lists none of them.
+        The site record naming the new root goes out by the usual round (``mark``)."""
+        await self.loaded.wait()
+        async with self._tree:
+
+            def work() -> tuple[Committed, T] | None:
+                store = self.store
+                root = store.root(store.own)
+                changes: list[EntryChange] = []
+                for uid in study_uids:
+                    before = cattree.lookup(store.nodes, root, uid)
+                    if before is not None:
+                        changes.append((uid, before, None))
+                if not changes:
+                    return None
+                update = cattree.apply(store.nodes, root, {uid: None for uid, _, _ in changes})
+                out: list[T] = []
+
+                def also(txn: lmdb.Transaction) -> None:
+                    out.append(drop(txn))
+                    self._published.delete_in(txn, study_uids)
+
+                committed = store.commit_own(update, root, changes, {}, also=also)
+                return committed, out[0]
+
+            done = await asyncio.to_thread(work)
+            if done is None:
+                return None
+            committed, result = done
+            for uid in study_uids:
+                self.entries.pop(uid, None)
+            await self._adopt_root(committed.root)
+        for listener in self.on_committed:
+            listener(committed)
+        self.mark([])  # puts site/<id> naming the new root, retried until a member took it
+        return result
 
     async def adopt(self, root: str) -> None:
         """After a wipe: make the tree found in this site's last record its own again, with

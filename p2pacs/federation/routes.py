@@ -2,12 +2,14 @@
 
 Members call ``/v1/site`` (heartbeat: the site record, its signed form and the clock),
 ``/v1/sites/{site_id}/record`` (the signed site records every member keeps of every other) and
-``/v1/catalogue`` (copy this new catalogue). The operator's routes (status, recover, scrub...)
+``/v1/catalogue`` (copy this new catalogue) and ``/v1/search`` (a federation-wide DICOMweb
+search: answer from this site's index). The operator's routes (status, recover, scrub...)
 are the site's control plane, ``p2pacs.control``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from p2pacs.errors import P2PacsError
+from p2pacs.federation.search import find_rows, parse_find
 from p2pacs.transfer.client import Peer
 from p2pacs.transfer.server import PEER_SITE_ID
 
@@ -101,6 +104,21 @@ class _PeerRoutes:
             raise web.HTTPBadGateway(text=str(exc)) from None
         return web.json_response({"stored": h})
 
+    async def search(self, request: web.Request) -> web.Response:
+        """A member's federated search (DICOMweb ``federation=true``): answered from this
+        site's own index only."""
+        try:
+            level, query, limit = parse_find(await request.json())
+        except ValueError as exc:  # json.JSONDecodeError is one
+            raise web.HTTPBadRequest(text=f"bad find request: {exc}") from None
+        try:
+            rows = await asyncio.to_thread(find_rows, self.fed.archive, level, query, limit)
+        except P2PacsError as exc:
+            log.error("federated search from a member failed: %s", exc)
+            raise web.HTTPInternalServerError(text=f"the index could not be read: {exc}") from None
+        ae_title = self.fed.site.config.dicom.ae_title
+        return web.json_response({"site": self.fed.name, "ae_title": ae_title, "rows": rows})
+
 
 def install_peer_routes(fed: FederationNode, app: web.Application) -> None:
     routes = _PeerRoutes(fed)
@@ -108,3 +126,4 @@ def install_peer_routes(fed: FederationNode, app: web.Application) -> None:
     app.router.add_get("/v1/sites/{site}/record", routes.signed_record)
     app.router.add_post("/v1/sites/{site}/record", routes.keep_record)
     app.router.add_post("/v1/catalogue", routes.catalogue)
+    app.router.add_post("/v1/search", routes.search)

@@ -16,6 +16,7 @@ from pynetdicom import evt
 
 from p2pacs.events import AssociationEvent, DicomRequest, EventBus, TransferBegun
 from p2pacs.gateway import status
+from p2pacs.gateway.rawsend import UnreadableInstance
 
 __all__ = ["association_observers", "identifier_keys", "observed"]
 
@@ -72,7 +73,7 @@ def _watch(bus: EventBus, service: str, event: evt.Event, items: Iterator[Any]) 
                     _begun(bus, service, event, identifier)  # the first instance goes out
                 if code in PENDING:
                     if payload is not None and service != "C-FIND":
-                        if type(payload).__name__ == "UnreadableInstance":
+                        if isinstance(payload, UnreadableInstance):
                             failed += 1
                         else:
                             sent += 1

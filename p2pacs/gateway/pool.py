@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from p2pacs import const
 from p2pacs.archive import Archive
-from p2pacs.config import DicomConfig
+from p2pacs.config import DicomConfig, StoreConfig
 from p2pacs.errors import ConfigError, P2PacsError
 from p2pacs.events import EventBus
 from p2pacs.gateway.channel import ChannelServer, Method
@@ -69,18 +69,16 @@ class WorkerPool:
     def __init__(
         self,
         *,
-        db_path: Path,
-        map_size: int,
-        sync: bool,
+        site_path: Path,
+        store: StoreConfig,
         config: DicomConfig,
         bus: EventBus,
         methods: dict[str, Method],
         count: int,
         federated: bool,
     ):
-        self.db_path = db_path
-        self.map_size = map_size
-        self.sync = sync
+        self.site_path = site_path
+        self.store = store
         self.config = config
         self.bus = bus
         self.methods = methods
@@ -137,9 +135,8 @@ class WorkerPool:
     def _spawn(self, slot: _Slot) -> None:
         assert self._listener is not None and self._channel is not None
         settings = spec(
-            db_path=self.db_path,
-            map_size=self.map_size,
-            sync=self.sync,
+            site_path=self.site_path,
+            store=self.store,
             dicom=self.config,
             channel=self._channel.path,
             listen_fd=self._listener.fileno(),

@@ -106,10 +106,10 @@ class StoredInstance(Dataset):
 
 
 class UnreadableInstance(Dataset):
-    """An instance whose stored bytes could not be read or verified: ``send_c_store`` sends
-    nothing for it and answers ``CANNOT_SEND``, so pynetdicom counts a failed sub-operation
-    and lists the instance in Failed SOP Instance UID List (a ``None`` dataset would be
-    skipped by pynetdicom without being counted)."""
+    """An instance whose stored bytes could not be read or verified, or converted to a syntax
+    the peer accepted: ``send_c_store`` sends nothing for it and answers ``CANNOT_SEND``, so
+    pynetdicom counts a failed sub-operation and lists the instance in Failed SOP Instance UID
+    List (a ``None`` dataset would be skipped by pynetdicom without being counted)."""
 
     def __init__(self, sop_class: str, sop_uid: str):
         super().__init__()

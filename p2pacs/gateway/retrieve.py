@@ -1,30 +1,34 @@
-"""C-MOVE and C-GET: send stored instances back, exactly as they were received.
+"""C-MOVE and C-GET: send stored instances back, as received or transcoded for the requester.
 
 Each instance goes out as its stored bytes (``rawsend.StoredInstance``) whenever the destination
-accepted the transfer syntax it was stored in. Where it accepted only another uncompressed
-syntax, pynetdicom converts losslessly (implicit/explicit VR, byte order, deflate); a compressed
-instance is never decompressed or re-compressed: without its own syntax it is a counted
-sub-operation failure, never a transcoded or corrupt file.
+accepted the transfer syntax it was stored in. Otherwise ``p2pacs.dicom.transcode`` picks a
+syntax the destination accepted for its SOP class (uncompressed first, lossless always; lossy
+JPEG 2000 only with ``[dicom] lossy_transcoding`` and nothing else accepted) and converts a
+copy, which is sent the same way. The stored bytes never change; an instance that cannot be
+converted is a counted sub-operation failure, never a corrupt file.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from p2pacs import const
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig, parse_hostport
-from p2pacs.dicom import Level
+from p2pacs.dicom import Level, build_prefix
 from p2pacs.dicom.scu import association_handlers
+from p2pacs.dicom.transcode import choose_target, transcode
 from p2pacs.dicom.uids import VERIFICATION
-from p2pacs.errors import ConfigError, P2PacsError
+from p2pacs.errors import ConfigError, P2PacsError, TranscodeError
 from p2pacs.gateway import status
 from p2pacs.gateway.find import Query, answering, parse_identifier
 from p2pacs.gateway.rawsend import (
@@ -43,6 +47,17 @@ install()
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 120  # presentation contexts proposed to a C-MOVE destination (128 at most)
+# proposed to a C-MOVE destination beside the stored syntaxes, one context per SOP class, so an
+# uncompressed-only destination still gets every instance (transcoded)
+UNCOMPRESSED_FALLBACK: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass
+class _Refused:
+    """Instances of one retrieve that could not be converted: how many, and the first."""
+
+    count: int = 0
+    first: str = ""
 
 
 class RetrieveHandlers:
@@ -55,6 +70,10 @@ class RetrieveHandlers:
         self.archive = archive
         self.config = config
         self.ensure_local = ensure_local
+        # sub-operations sent as a converted copy, and those failed because no accepted syntax
+        # could be delivered (counted for the operator; read without a lock, ints under the GIL)
+        self.transcoded = 0
+        self.not_convertible = 0
 
     def _matches(self, unique: Query) -> list[InstanceRecord]:
         """The instances matching ``unique``, after reading the studies it names through."""
@@ -78,7 +97,31 @@ class RetrieveHandlers:
         return records
 
     def _datasets(
-        self, records: list[InstanceRecord], event: evt.Event
+        self, records: list[InstanceRecord], event: evt.Event, sender: Callable[[], Any]
+    ) -> Iterator[tuple[int, Any]]:
+        """Pending statuses with the instance to send: ``sender()`` is the association the
+        C-STOREs go out on (the requestor's for C-GET, the sub-association for C-MOVE).
+        Instances that cannot be converted are logged one by one at DEBUG and summed up in one
+        warning per retrieve (a peer asking for a large study in a syntax we cannot make must
+        not flood the log)."""
+        refused = _Refused()
+        try:
+            yield from self._each(records, event, sender, refused)
+        finally:
+            if refused.count:
+                log.warning(
+                    "%d instance(s) not sent: no syntax the peer accepted could be made for "
+                    "them (first: %s)",
+                    refused.count,
+                    refused.first,
+                )
+
+    def _each(
+        self,
+        records: list[InstanceRecord],
+        event: evt.Event,
+        sender: Callable[[], Any],
+        refused: _Refused,
     ) -> Iterator[tuple[int, Any]]:
         for rec in records:
             if event.is_cancelled:
@@ -87,16 +130,44 @@ class RetrieveHandlers:
             try:
                 v = rec.current
                 raw = self.archive.blob(v.hash)  # hash-checked; a corrupt blob is repaired
-                yield (
-                    status.PENDING,
-                    StoredInstance(
-                        rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw
-                    ),
+                stored = StoredInstance(
+                    rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw
                 )
             except P2PacsError as exc:
                 log.error("cannot send %s: %s", rec.sop_uid, exc)
                 # a failed sub-operation, counted and listed (a None would be skipped)
                 yield status.PENDING, UnreadableInstance(rec.sop_class_uid, rec.sop_uid)
+                continue
+            yield status.PENDING, self._deliverable(stored, sender(), refused)
+
+    def _deliverable(self, stored: StoredInstance, assoc: Any, refused: _Refused) -> Dataset:
+        """``stored`` itself if ``assoc`` accepted its syntax, else a converted copy, else an
+        ``UnreadableInstance`` (a counted failure)."""
+        ts = str(stored.file_meta.TransferSyntaxUID)
+        if assoc is None:  # no association to look at: pynetdicom reports what it cannot send
+            return stored
+        accepted = accepted_syntaxes(assoc, str(stored.SOPClassUID))
+        plan = choose_target(ts, accepted, allow_lossy=self.config.lossy_transcoding)
+        if plan is not None and plan.as_stored(ts):
+            return stored
+        sop_class, sop_uid = str(stored.SOPClassUID), str(stored.SOPInstanceUID)
+        if plan is None:
+            why = f"the peer accepted {', '.join(accepted) or 'no syntax'} for its SOP class"
+        else:
+            try:
+                raw = transcode(stored.p2pacs_raw, ts, plan)
+            except TranscodeError as exc:
+                why = str(exc)
+            else:
+                self.transcoded += 1
+                log.debug("sending %s converted from %s to %s", sop_uid, ts, plan.target)
+                prefix = build_prefix(sop_class, sop_uid, plan.target)
+                return StoredInstance(sop_class, sop_uid, plan.target, prefix, raw)
+        self.not_convertible += 1
+        refused.count += 1
+        refused.first = refused.first or f"{sop_uid} stored as {ts}: {why}"
+        log.debug("cannot send %s (stored as %s): %s", sop_uid, ts, why)
+        return UnreadableInstance(sop_class, sop_uid)
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         # pynetdicom wants the sub-operation count first; a failure status yielded right after
@@ -114,7 +185,7 @@ class RetrieveHandlers:
         records = self._matches(unique)
         yield len(records)
         with _quiet_reader(event.assoc), sending(event.assoc):
-            yield from self._datasets(records, event)
+            yield from self._datasets(records, event, lambda: event.assoc)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         destination = str(event.move_destination).strip()
@@ -150,17 +221,51 @@ class RetrieveHandlers:
             yield status.IDENTIFIER_DOES_NOT_MATCH, None
             return
         records = self._matches(unique)
-        # one context per (SOP class, transfer syntax): the destination accepts one syntax per
-        # context, and each instance must go in the syntax it was stored in
-        pairs = sorted({(r.sop_class_uid, r.current.transfer_syntax) for r in records})
-        contexts = [build_context(c, [ts]) for c, ts in pairs[:MAX_CONTEXTS]]
-        # Verification keeps the association up when the destination accepts none of the stored
-        # syntaxes, so those instances count as failed sub-operations instead of 0xA801
-        contexts.append(build_context(VERIFICATION))
-        yield (*address, _association(contexts, max_pdu=self.config.max_pdu))
+        sub = _Established()
+        contexts = move_contexts((r.sop_class_uid, r.current.transfer_syntax) for r in records)
+        yield (*address, _association(contexts, max_pdu=self.config.max_pdu, established=sub))
         yield len(records)
         with _quiet_reader(event.assoc), sending(event.assoc):
-            yield from self._datasets(records, event)
+            yield from self._datasets(records, event, lambda: sub.assoc)
+
+
+def move_contexts(stored: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+    """Presentation contexts for a C-MOVE sub-association, from the (SOP class, stored
+    transfer syntax) pairs of the instances to send: one context per pair with that syntax
+    alone (the destination accepts one syntax per context, and each instance should go as
+    stored), then per SOP class one context with Explicit and Implicit VR Little Endian, so a
+    destination that takes no compressed syntax still receives every instance, transcoded;
+    then Verification, which keeps the association up when the destination accepts none of
+    the others (those instances then count as failed sub-operations instead of 0xA801). At
+    most ``MAX_CONTEXTS`` besides Verification: pairs first."""
+    pairs = sorted(set(stored))
+    contexts = [build_context(c, [ts]) for c, ts in pairs[:MAX_CONTEXTS]]
+    classes = sorted({c for c, ts in pairs if ts != ImplicitVRLittleEndian})
+    room = max(0, MAX_CONTEXTS - len(contexts))
+    contexts += [build_context(c, UNCOMPRESSED_FALLBACK) for c in classes[:room]]
+    contexts.append(build_context(VERIFICATION))
+    return contexts
+
+
+def accepted_syntaxes(assoc: Any, sop_class: str) -> list[str]:
+    """The transfer syntaxes ``assoc``'s peer accepted for sending ``sop_class`` as C-STORE
+    SCU (one per accepted context, in context order)."""
+    return [
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if str(cx.abstract_syntax) == sop_class and cx.as_scu
+    ]
+
+
+class _Established:
+    """``EVT_ESTABLISHED`` handler that remembers the association (a C-MOVE sub-association,
+    opened by pynetdicom before it reads the first pending status)."""
+
+    def __init__(self) -> None:
+        self.assoc: Any = None
+
+    def __call__(self, event: evt.Event) -> None:
+        self.assoc = event.assoc
 
 
 @contextmanager
@@ -186,13 +291,17 @@ def _slow_poll(event: evt.Event) -> None:
     event.assoc.dul._run_loop_delay = const.RETRIEVE_POLL_DELAY
 
 
-def _association(contexts: list[PresentationContext], **kw: Any) -> dict[str, Any]:
+def _association(
+    contexts: list[PresentationContext], established: _Established | None = None, **kw: Any
+) -> dict[str, Any]:
     """``AE.associate`` arguments for the association to a C-MOVE destination."""
-    handlers = [
+    handlers: list[Any] = [
         *association_handlers(),
         (evt.EVT_ESTABLISHED, direct_writes),
         (evt.EVT_ESTABLISHED, _slow_poll),
     ]
+    if established is not None:
+        handlers.append((evt.EVT_ESTABLISHED, established))
     return {"contexts": contexts, "evt_handlers": handlers, **kw}
 
 

@@ -20,6 +20,7 @@ from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
 from p2pacs.dicom import uids
 from p2pacs.dicom.scu import association_handlers
+from p2pacs.dicom.transcode import deliverable_for_all
 from p2pacs.errors import ConfigError
 from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
 from p2pacs.gateway.find import FindHandler
@@ -41,16 +42,20 @@ STORAGE_SYNTAXES = [
 log = logging.getLogger(__name__)
 
 
-def _prefer_requested_compression(event: evt.Event) -> None:
-    """For C-GET, accept a compressed syntax the requestor proposes for a storage class.
+def _prefer_deliverable(event: evt.Event) -> None:
+    """For C-GET, accept per storage context a syntax every instance can be delivered in.
 
-    pynetdicom, as acceptor, takes the first syntax of OUR list that the requestor proposed,
-    Explicit VR LE first. A C-GET requestor such as dcmtk getscu proposes one context per
-    storage class, its preferred compressed syntax first, then the uncompressed ones; taking
-    Explicit VR LE there leaves no context for instances stored compressed, and they are never
-    transcoded, so every such C-STORE sub-operation fails (0xA702) although the requestor
-    asked for exactly that syntax. Only contexts where the requestor proposes the SCP role
-    (the C-GET receiving side) are reordered; C-STORE negotiation stays as it is.
+    pynetdicom, as acceptor, takes the first syntax of OUR list that the requestor proposed.
+    On contexts where the requestor proposes the SCP role (a C-GET requestor receiving the
+    instances), our list is reordered so that the syntaxes it proposed that any decodable
+    instance can be converted to without loss (``transcode.deliverable_for_all``: uncompressed
+    little endian, RLE, JPEG-LS, JPEG 2000 lossless) come first, in the requestor's order; the
+    rest (lossy ones such as JPEG Baseline) only when it proposed nothing deliverable. A context
+    proposing [Explicit VR LE, Implicit VR LE, JPEG Baseline] gets Explicit VR LE: instances
+    stored as JPEG Baseline are decoded for it, and nothing stored uncompressed fails (taking
+    JPEG Baseline there would leave every uncompressed instance without a context, 0xA702).
+    A requestor that proposes several contexts per class can get several syntaxes; each
+    instance then goes in the best one (``retrieve``). C-STORE negotiation stays as it is.
     """
     requestor = event.assoc.requestor
     scp_role = {str(uid) for uid, item in requestor.role_selection.items() if item.scp_role}
@@ -64,7 +69,7 @@ def _prefer_requested_compression(event: evt.Event) -> None:
         if str(cx.abstract_syntax) in scp_role:
             order = wanted.setdefault(str(cx.abstract_syntax), [])
             for ts in cx.transfer_syntax:
-                if UID(ts).is_compressed and str(ts) not in order:
+                if deliverable_for_all(str(ts)) and str(ts) not in order:
                     order.append(str(ts))
     contexts = event.assoc.acceptor.supported_contexts
     for cx in contexts:
@@ -113,7 +118,7 @@ class Gateway:
             *association_handlers(),
             (evt.EVT_ESTABLISHED, direct_writes_when_sending),
             (evt.EVT_REQUESTED, _log_association),
-            (evt.EVT_REQUESTED, _prefer_requested_compression),
+            (evt.EVT_REQUESTED, _prefer_deliverable),
             *association_observers(archive.events),
             (evt.EVT_C_STORE, StoreHandler(archive)),
             (evt.EVT_C_FIND, observed(archive.events, "C-FIND", FindHandler(archive.index))),

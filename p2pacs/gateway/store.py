@@ -15,7 +15,12 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from p2pacs import const
 from p2pacs.archive import Archive, Ingested
-from p2pacs.errors import InvalidDicomError, P2PacsError, StoreFullError
+from p2pacs.errors import (
+    InvalidDicomError,
+    ObjectStoreUnavailableError,
+    P2PacsError,
+    StoreFullError,
+)
 from p2pacs.events import DicomRequest
 from p2pacs.gateway import status
 
@@ -64,6 +69,9 @@ class StoreHandler:
             return status.MALFORMED_DATASET, None
         except StoreFullError as exc:
             log.error("C-STORE refused, archive full: %s", exc)
+            return status.OUT_OF_RESOURCES, None
+        except ObjectStoreUnavailableError as exc:  # transient: the sender should retry later
+            log.error("C-STORE refused, object store unreachable: %s", exc)
             return status.OUT_OF_RESOURCES, None
         except P2PacsError as exc:
             log.error("C-STORE failed: %s", exc)

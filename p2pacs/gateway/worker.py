@@ -27,14 +27,15 @@ from typing import Any
 import msgpack
 
 from p2pacs import const
-from p2pacs.archive import Archive, Ingested, RemoteWrite
-from p2pacs.config import DicomConfig
+from p2pacs.archive import Ingested, RemoteWrite
+from p2pacs.config import Config, DicomConfig, StoreConfig
 from p2pacs.dicom.header import AttrValue
 from p2pacs.errors import P2PacsError
 from p2pacs.gateway.channel import Caller, EventSender, call
 from p2pacs.gateway.commitment import CommitFn, CommitmentResult
 from p2pacs.gateway.server import Gateway
 from p2pacs.index import Version
+from p2pacs.site import Site
 
 __all__ = ["main", "spec"]
 
@@ -46,9 +47,8 @@ COMMIT_MARGIN = 30.0  # seconds beyond the commitment timeout before the channel
 
 def spec(
     *,
-    db_path: Path,
-    map_size: int,
-    sync: bool,
+    site_path: Path,
+    store: StoreConfig,
     dicom: DicomConfig,
     channel: Path,
     listen_fd: int,
@@ -58,9 +58,8 @@ def spec(
     """The settings a worker reads from its stdin."""
     packed: bytes = msgpack.packb(
         {
-            "db_path": str(db_path),
-            "map_size": map_size,
-            "sync": sync,
+            "site_path": str(site_path),
+            "store": dataclasses.asdict(store),
             "dicom": dataclasses.asdict(dicom),
             "channel": str(channel),
             "listen_fd": listen_fd,
@@ -112,9 +111,9 @@ def _remote_write(caller: Caller) -> RemoteWrite:
 
 def run(settings: dict[str, Any]) -> None:
     channel = Path(settings["channel"])
-    archive = Archive(
-        Path(settings["db_path"]), map_size=settings["map_size"], sync=settings["sync"]
-    )
+    # the archive exactly as the site opens it (the same LMDB map; the object store, if any)
+    site = Site(Path(settings["site_path"]), Config(store=StoreConfig(**settings["store"])))
+    archive = site.archive()
     archive.remote_write = _remote_write(Caller(channel))
     sender = EventSender(channel)
     archive.events.subscribe(sender.emit)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import blake3
 
-__all__ = ["RepairPlan", "placement", "plan_repairs", "rank", "repairer"]
+__all__ = ["RepairPlan", "placement", "plan_repairs", "plan_trims", "rank", "repairer", "trimmer"]
 
 
 def _score(study_uid: str, site_id: bytes) -> bytes:
@@ -77,3 +77,52 @@ def plan_repairs(
                 if t != me:
                     notify.setdefault(t, []).append(study)
     return RepairPlan(under, pull, notify)
+
+
+def trimmer(
+    study_uid: str, live_whole: Iterable[bytes], live: Iterable[bytes], replication: int
+) -> bytes | None:
+    """The one holder that may drop its copy of ``study_uid`` now, or None.
+
+    Among the live sites holding the study whole, those outside its placement are surplus; the
+    one ranked *last* (rendezvous order) is the trimmer, and only while more than
+    ``replication`` live whole copies exist. One at a time per study is what keeps R: were every
+    surplus holder to drop at once, each counting the others among "the R other copies", fewer
+    than R could remain. With one trimmer, the others wait until its new catalogue shows the
+    copy gone; a site whose view is stale still sees the trimmer holding (and so still names it,
+    not itself), and a site that has not yet seen a newer holder counts fewer copies, never
+    more. Every site computes the same answer from the same view, with no coordination."""
+    whole = set(live_whole)
+    if len(whole) <= replication:
+        return None
+    targets = set(placement(study_uid, live, replication))
+    surplus = [s for s in rank(study_uid, whole) if s not in targets]
+    return surplus[-1] if surplus else None
+
+
+def plan_trims(
+    holders: Mapping[str, set[bytes]],
+    live: set[bytes],
+    me: bytes,
+    replication: int,
+    incomplete: Mapping[str, set[bytes]] | None = None,
+) -> list[str]:
+    """The studies this site may drop, as far as who holds what decides it (the grace period
+    and the local guards are the caller's).
+
+    ``holders``/``incomplete`` as for ``plan_repairs``. A study qualifies when this site holds
+    it whole, is not among its ``replication`` placement targets over ``live``, at least
+    ``replication`` other live sites hold it whole (so dropping never leaves fewer than R, nor
+    the last copies), no holder's copy is still incomplete (a copy being completed may be a
+    target's), and this site is the study's ``trimmer``."""
+    out: list[str] = []
+    partial = incomplete or {}
+    for study in sorted(holders):
+        whole = holders[study] & live
+        if me not in whole or partial.get(study, set()) & live:
+            continue
+        if len(whole - {me}) < replication:
+            continue
+        if trimmer(study, whole, live, replication) == me:
+            out.append(study)
+    return out

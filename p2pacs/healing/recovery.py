@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.publisher import CatalogueNotCopiedError
+from p2pacs.looplag import bulk
 
 __all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
 
@@ -137,11 +139,7 @@ class Recovery:
                 await node.heartbeat()
             found = await node.own_site_records()
             if not found:
-                raise RecoveryError(
-                    "this site's archive is empty and no member has answered with its last "
-                    "site record yet: waiting for the other sites before publishing anything "
-                    "(a site that never held anything: start it once with 'serve --new-site')"
-                )
+                raise RecoveryError(self._no_record())
             newest = max(found, key=lambda e: e.seq)
             record = SiteRecord.decode(newest.value)
             if record.catalogue_hash:
@@ -169,6 +167,36 @@ class Recovery:
         self._notify()
         return queued
 
+    def _no_record(self) -> str:
+        """Why a wiped site's last record was not found: nobody answers (naming where it
+        looked), or members answer without it."""
+        node = self.node
+        answering = sorted(m.name for m in node.live_members())
+        if not answering and not (node.dht is not None and node.dht.contacts()):
+            tried = ", ".join(f"{h}:{p}" for h, p in node.bootstrap_addresses())
+            where = f"bootstrap {tried}" if tried else "no address: [federation] bootstrap is empty"
+            if node.discovery is not None:
+                where += " and mDNS"
+            return (
+                f"no member answers (tried {where}): this site's archive is empty and it needs "
+                "a member to find its last site record; check that the other sites are up and "
+                "reachable from here"
+            )
+        names = ", ".join(answering) or "DHT contacts"
+        return (
+            f"no member holds this site's last site record ({names} answered without it): "
+            "nothing is published until one does; if this site never held anything, start it "
+            "once with 'serve --new-site'"
+        )
+
+    def waiting(self) -> str:
+        """While the plan has not succeeded: what recovery is waiting for, in one line."""
+        if self.planned.is_set():
+            return ""
+        if self.error:
+            return self.error
+        return "looking for this site's last site record"
+
     async def _catalogue(self, h: str) -> None:
         """Fetch this site's last catalogue tree from the members and make it its own again."""
         peers = self.node.live_peers()
@@ -195,6 +223,10 @@ class Recovery:
         held = dict(self.node.publisher.entries)
 
         def plan_and_write() -> list[CatalogueEntry]:
+            with bulk():
+                return plan_and_write_all()
+
+        def plan_and_write_all() -> list[CatalogueEntry]:
             todo = [
                 e
                 for e in cattree.entries(self.node.catalogues.nodes, root)
@@ -206,6 +238,7 @@ class Recovery:
         todo = await asyncio.to_thread(plan_and_write)
         for e in todo:
             self.queue[e.study_uid] = e
+        gc.freeze()  # the queue lives for the recovery: keep full collections off it (publisher)
         return len(todo)
 
     def _complete(self, entry: CatalogueEntry, held: CatalogueEntry | None) -> bool:

@@ -10,8 +10,10 @@ batches. An idle pass costs nothing.
 
 For a study with fewer than R live holders, the missing copies go to the best-ranked live
 non-holders (rendezvous order, so every site computes the same targets); a target pulls on its
-own, and the top-ranked live holder also notifies the targets so repair starts at once. Copies
-are never deleted: a returning site simply adds surplus, which keeps R and loses nothing.
+own, and the top-ranked live holder also notifies the targets so repair starts at once. A
+returning site adds surplus; the same pass hands each batch to ``trim.Trimmer``, which drops a
+surplus copy here once it has been surplus for ``trim_after`` seconds and R other live sites
+are verified to hold it whole (the surplus studies due are looked at again by the next pass).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from p2pacs.errors import P2PacsError, ReplicationError, StoreFullError
 from p2pacs.federation.catstore import Committed
 from p2pacs.federation.node import FederationNode
 from p2pacs.healing.placement import RepairPlan, plan_repairs
+from p2pacs.healing.trim import Trimmer
+from p2pacs.looplag import bulk
 
 __all__ = ["Healer", "HealerStats"]
 
@@ -75,6 +79,7 @@ class Healer:
         # while the site recovers, its recovery queue decides what comes back when (newest
         # study first); a pull it takes over returns here at a later pass if still needed
         self.defer: Callable[[str], bool] | None = None
+        self.trimmer = Trimmer(node, self.replication, lambda uid: uid in self._queued)
         node.publisher.on_committed.append(self._changed)
         node.copier.on_committed.append(self._changed)
         # under_replicated follows the live view: a member seen down (or back) starts a pass now
@@ -92,6 +97,7 @@ class Healer:
             "repair_paused": s.full,
             "repair_queue": len(self._queued),
             "recent_repairs": list(reversed(s.recent)),
+            "trimmed": self.trimmer.trimmed,
         }
 
     def request(self, study_uid: str) -> bool:
@@ -128,20 +134,25 @@ class Healer:
         store = self.node.catalogues
         if self._everything:
             self._everything = False
-            for batch in await asyncio.to_thread(lambda: list(store.studies(PASS_BATCH))):
+            for batch in await asyncio.to_thread(self._every_study):
                 yield batch
         moved = (live ^ self._live_before) - {self.node.site_id}
         self._live_before = set(live)
-        studies, self._dirty = self._dirty | self.under, set()
+        studies, self._dirty = self._dirty | self.under | self.trimmer.due(time.time()), set()
 
         def of_sites() -> set[str]:
-            return {e.study_uid for site in moved for e in store.entries(site)}
+            with bulk():
+                return {e.study_uid for site in moved for e in store.entries(site)}
 
         if moved:
             studies |= await asyncio.to_thread(of_sites)
         ordered = sorted(studies)
         for i in range(0, len(ordered), PASS_BATCH):
             yield ordered[i : i + PASS_BATCH]
+
+    def _every_study(self) -> list[list[str]]:
+        with bulk():
+            return list(self.node.catalogues.studies(PASS_BATCH))
 
     async def holders_view(
         self, studies: list[str]
@@ -184,10 +195,12 @@ class Healer:
         live = self.node.live_site_ids()
         me, r = self.node.site_id, self.replication
         total = RepairPlan([], [], {})
+        self.trimmer.observe(time.time())
         try:
             async for batch in self._to_look_at(live):
                 complete, incomplete = await self.holders_view(batch)
                 plan = await asyncio.to_thread(plan_repairs, complete, live, me, r, incomplete)
+                await self.trimmer.consider(batch, complete, incomplete, live)
                 self.under.difference_update(batch)
                 self.under.update(plan.under_replicated)
                 for uid in plan.pull:

@@ -297,6 +297,60 @@ class DicomIndex:
             rec["st"].append(study_uid)
         txn.put(key, _pack(rec), db=self._patient)
 
+    def remove_study(self, txn: lmdb.Transaction, study_uid: str) -> list[tuple[str, Version]]:
+        """Remove a study and everything below it (inside the caller's write transaction): its
+        instance, series and study records, their secondary index entries, and the study from
+        its patient (the patient goes too when it has no other study). Returns the removed
+        (SOP Instance UID, version) pairs, so the caller can drop their blobs."""
+        key = study_uid.encode()
+        study = _unpack(txn.get(key, db=self._study))
+        if study is None:
+            return []
+        sep = _SEP.encode()
+        prefix = key + sep
+        removed: list[tuple[str, Version]] = []
+        rows: list[bytes] = []
+        cursor = txn.cursor(db=self._instance)
+        if cursor.set_range(prefix):
+            for k, v in cursor:
+                if not bytes(k).startswith(prefix):
+                    break
+                rows.append(bytes(k))
+                sop = bytes(k).split(sep)[2].decode()
+                removed.extend((sop, Version.from_wire(w)) for w in _unpack(v)["v"])
+        for k in rows:
+            txn.delete(k, db=self._instance)
+            txn.delete(k.split(sep)[2], db=self._sop)
+        series_rows: list[tuple[bytes, Any]] = []
+        cursor = txn.cursor(db=self._series)
+        if cursor.set_range(prefix):
+            for k, v in cursor:
+                if not bytes(k).startswith(prefix):
+                    break
+                series_rows.append((bytes(k), _unpack(v)))
+        for k, series in series_rows:
+            txn.delete(k, db=self._series)
+            txn.delete(k.split(sep)[1], key, db=self._secondary.series_uid)
+            modality = modality_keys((), series["a"].get("Modality"))
+            self._secondary.delete(txn, MODALITY_INDEX, modality, key)
+        self._secondary.delete(txn, MODALITY_INDEX, modality_keys(study["m"], None), key)
+        self._secondary.update(txn, STUDY_INDEXES, study["a"], {}, key)
+        txn.delete(key, db=self._study)
+        # the patient it was linked to: by its PatientID, or the anonymous one when its first
+        # instance had none (a PatientID seen later fills in the study, not the link)
+        for pkey in dict.fromkeys((_patient_key(str(study["a"].get("PatientID", ""))), b"P")):
+            patient = _unpack(txn.get(pkey, db=self._patient))
+            if patient is None or study_uid not in patient["st"]:
+                continue
+            patient["st"] = [s for s in patient["st"] if s != study_uid]
+            if patient["st"]:
+                txn.put(pkey, _pack(patient), db=self._patient)
+            else:
+                self._secondary.update(txn, PATIENT_INDEXES, patient["a"], {}, pkey)
+                txn.delete(pkey, db=self._patient)
+            break
+        return removed
+
     # --- lookups --------------------------------------------------------------------------------
 
     def study(self, study_uid: str) -> StudyRecord | None:

@@ -24,7 +24,13 @@ from aiohttp import web
 
 from dht.membership import Federation, Identity
 from p2pacs import __version__, failpoints
-from p2pacs.errors import BlobNotFoundError, CorruptBlobError, MembershipError, TransferError
+from p2pacs.errors import (
+    BlobNotFoundError,
+    CorruptBlobError,
+    MembershipError,
+    ObjectStoreUnavailableError,
+    TransferError,
+)
 from p2pacs.events import EventBus, PeerTransfer, alert_limiter
 from p2pacs.store import BlobStore
 from p2pacs.transfer.tls import peer_site_id, server_context
@@ -239,14 +245,22 @@ class TransferServer:
         hasher = blake3.blake3() if span == (0, size) else None
         sent = 0
         try:
-            for piece in self.blobs.read_range(h, start, end):
+            pieces = self.blobs.read_range(h, start, end)
+            # bytes in an object store arrive over the network: read them on a worker thread
+            remote = self.blobs.info(h).in_objects
+            while True:
+                piece = (
+                    await asyncio.to_thread(next, pieces, None) if remote else next(pieces, None)
+                )
+                if piece is None:
+                    break
                 if hasher is not None:
                     hasher.update(piece)
                     if sent + len(piece) == end - start and hasher.hexdigest() != h:
                         raise CorruptBlobError(f"blob {h} fails its hash check")
                 await response.write(piece)
                 sent += len(piece)
-        except (CorruptBlobError, BlobNotFoundError) as exc:
+        except (CorruptBlobError, BlobNotFoundError, ObjectStoreUnavailableError) as exc:
             log.error("not serving %s: %s", h[:16], exc)
             if isinstance(exc, CorruptBlobError):
                 self.stats["corrupt"] += 1

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from p2pacs import credentials
 from p2pacs.config import WebConfig
-from p2pacs.events import EventBus, SecurityAlert
+from p2pacs.events import EventBus, SecurityAlert, UserAuthentication
 
 __all__ = ["PRINCIPAL", "Authenticator", "Refusal", "parse_authorization"]
 
@@ -77,6 +77,7 @@ class Authenticator:
         self._checks = asyncio.Semaphore(MAX_CHECKS)
         self._key = secrets.token_bytes(32)  # keys the remembered-password digests
         self._remembered: dict[bytes, float] = {}
+        self._sessions: dict[tuple[str, str], float] = {}  # (principal, address) -> until
         self._last_log: dict[str, float] = {}
 
     def challenges(self) -> list[str]:
@@ -128,11 +129,30 @@ class Authenticator:
         if isinstance(found, Refusal):
             raise self._refuse(request, found)
         request[PRINCIPAL] = found
+        self._logged_in(found, request.remote or "")
         return await handler(request)
+
+    def _logged_in(self, principal: str, address: str) -> None:
+        """One User Authentication event per principal and address every ``REMEMBER_S``
+        (PS3.15 A.5.3.13: a login, not every request of a page that refreshes itself)."""
+        now = time.monotonic()
+        key = (principal, address)
+        if self._sessions.get(key, 0.0) > now:
+            return
+        if len(self._sessions) >= REMEMBER_MAX:
+            self._sessions = {k: t for k, t in self._sessions.items() if t > now}
+            if len(self._sessions) >= REMEMBER_MAX:
+                self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[key] = now + REMEMBER_S
+        self.events.emit(UserAuthentication(principal, address, True))
 
     def _refuse(self, request: web.Request, refusal: Refusal) -> web.HTTPUnauthorized:
         self.refused += 1
         peer = request.remote or ""
+        parsed = parse_authorization(request.headers.get("Authorization", ""))
+        if isinstance(parsed, tuple) and parsed[1]:  # a named user failed to log in
+            user = f"user:{parsed[1][:64]}"  # PS3.15 A.5.3.13, outcome: failure
+            self.events.emit(UserAuthentication(user, peer, False, refusal.reason))
         self.events.emit(
             SecurityAlert(
                 kind="auth-failed",

@@ -3,7 +3,8 @@
 The status page and ``/metrics`` are one route set; others (DICOMweb) are mounted the same
 way before the server starts: ``add_routes(install)`` puts routes on the root application,
 ``add_app(prefix, app)`` mounts a whole sub-application under a path prefix. Every route set
-sits behind the same access control (``auth``), and the server speaks HTTPS with the
+sits behind the same access control (``auth``; only CORS preflights from the origins in
+``web.cors_origins`` are answered without it, ``cors``), and the server speaks HTTPS with the
 configured certificate, or plain HTTP on a loopback address when configured so.
 """
 
@@ -20,6 +21,7 @@ from p2pacs.config import WebConfig, is_loopback
 from p2pacs.errors import WebError
 from p2pacs.events import EventBus
 from p2pacs.web.auth import Authenticator
+from p2pacs.web.cors import Cors
 
 __all__ = ["WebServer", "tls_context"]
 
@@ -49,7 +51,13 @@ class WebServer:
         """``base``: the folder relative ``tls_cert``/``tls_key`` paths start from (the site)."""
         self.config = config
         self.auth = Authenticator(config, events)
-        self.app = web.Application(middlewares=[self.auth.middleware], client_max_size=MAX_BODY)
+        self.cors = Cors(config.cors_origins)
+        middlewares = [self.auth.middleware]
+        if config.cors_origins:  # preflights are answered before access control
+            middlewares.insert(0, self.cors.middleware)
+        self.app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
+        if config.cors_origins:
+            self.app.on_response_prepare.append(self.cors.on_prepare)
         self._base = base
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None

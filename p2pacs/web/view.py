@@ -87,6 +87,14 @@ def status_lines(status: dict[str, Any], site_host: str | None, now: float) -> l
             ]
         )
     )
+    obj = status.get("object_store")
+    if obj:
+        state = "[green]reachable[/]" if obj.get("reachable") else "[red]unreachable[/]"
+        lines.append(
+            f"  object_store {obj['endpoint']} bucket {obj['bucket']}: {state} since "
+            f"{ago(now - obj['since'])}"
+            + (f" ({obj['last_error']})" if obj.get("last_error") else "")
+        )
     fed = status.get("federation")
     if not fed:
         return lines
@@ -112,6 +120,7 @@ def status_lines(status: dict[str, Any], site_host: str | None, now: float) -> l
                 ("last_repair", ago(now - last) if last else "never"),
                 ("pulls_done", fed["pulls_done"]),
                 ("pulls_failed", fed["pulls_failed"]),
+                ("trimmed", fed.get("trimmed", 0)),
             ]
         )
         + (f", [red]repair_paused[/] {fed['repair_paused']}" if fed.get("repair_paused") else "")
@@ -155,10 +164,16 @@ def status_lines(status: dict[str, Any], site_host: str | None, now: float) -> l
 
 def status_warnings(status: dict[str, Any], bootstrap: list[str]) -> list[str]:
     """Doctor-class problems visible in the status alone (``p2pacs doctor`` says more)."""
+    out = []
+    obj = status.get("object_store")
+    if obj and not obj.get("reachable"):
+        out.append(
+            f"object store unreachable ({obj.get('last_error')}): C-STORE answers 0xA700 until "
+            f"{obj['endpoint']} bucket {obj['bucket']} answers again; ingest then resumes"
+        )
     fed = status.get("federation")
     if not fed:
-        return []
-    out = []
+        return out
     clock = fed.get("clock") or {}
     if clock.get("off"):
         out.append(

@@ -153,19 +153,6 @@ def same_elements(a: tuple[str, bytes], b: tuple[str, bytes]) -> bool:
     return [(e.tag, e.value) for e in da] == [(e.tag, e.value) for e in db]
 
 
-def convertible(stored: str, accepted: Iterable[str]) -> bool:
-    """Will pynetdicom send an instance stored in ``stored`` on a context in one of the
-    ``accepted`` syntaxes? Exact match, or a lossless conversion between uncompressed syntaxes
-    of the same endianness (explicit <-> implicit VR, deflated <-> inflated)."""
-    s = UID(stored)
-    for a in map(UID, accepted):
-        if a == s:
-            return True
-        if not (s.is_compressed or a.is_compressed) and a.is_little_endian == s.is_little_endian:
-            return True
-    return False
-
-
 def dataset_bytes(path: Path) -> bytes:
     return bytes(split_part10(path.read_bytes()).dataset)
 

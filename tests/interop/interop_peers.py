@@ -8,6 +8,7 @@ C-STORE stalls ~40 ms on loopback), waited for with a deadline, and stopped by i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import selectors
@@ -16,9 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -157,9 +161,16 @@ class _Process:
 class StoreSCP(_Process):
     """dcmtk ``storescp`` writing what it receives, bit-preserved, into ``out_dir``."""
 
-    def __init__(self, out_dir: Path, aet: str = "STORESCP", port: int | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        aet: str = "STORESCP",
+        port: int | None = None,
+        accept: str = "+xa",  # storescp's transfer syntax option; "+x=": uncompressed only
+    ):
         self.out_dir, self.aet = out_dir, aet
         self.port = port or free_tcp_port()
+        self.accept = accept
 
     def start(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +179,7 @@ class StoreSCP(_Process):
                 tool_path("storescp"),
                 "-aet",
                 self.aet,
-                "+xa",
+                self.accept,
                 "+B",
                 "-pdu",
                 "131072",
@@ -194,11 +205,14 @@ class Orthanc(_Process):
         dicom_port: int | None = None,
         http_port: int | None = None,
         modalities: dict[str, tuple[str, str, int]] | None = None,
+        *,
+        extra: dict[str, Any] | None = None,  # more configuration (plugins and their settings)
     ):
         self.workdir, self.aet = workdir, aet
         self.dicom_port = dicom_port or free_tcp_port()
         self.http_port = http_port or free_tcp_port()
         self.modalities = modalities or {}
+        self.extra = extra or {}
         self.url = f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
@@ -221,6 +235,7 @@ class Orthanc(_Process):
             "DicomAlwaysAllowMove": True,
             "DicomAlwaysAllowFind": True,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            **self.extra,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
@@ -393,3 +408,36 @@ class WireSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+@contextmanager
+def serve_app(app: Any, mount: str = "") -> Iterator[str]:
+    """Run an aiohttp application on 127.0.0.1, port 0, in a thread with its own event loop;
+    yields its base URL (plus ``mount``); stops the runner and the loop on exit."""
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    ready = threading.Event()
+    port: list[int] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        port.append(int(runner.addresses[0][1]))
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="serve-app", daemon=True)
+    thread.start()
+    if not ready.wait(START_TIMEOUT):
+        raise TimeoutError("the aiohttp application did not start")
+    try:
+        yield f"http://127.0.0.1:{port[0]}{mount}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(START_TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(START_TIMEOUT)
+        loop.close()

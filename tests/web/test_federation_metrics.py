@@ -58,13 +58,16 @@ def test_replication_shows_in_both_sites_metrics(pair: Testbed, web_instances: l
     assert len(report.stored) == len(web_instances)
     n = len(web_instances)
     assert wait_for(lambda: b.status()["instances"] == n, 60, 0.3), "not replicated to b"
+    sent_to_b = ("p2pacs_transfer_sent_bytes_total", (("peer", "clinic-b"),))
+    # a labels bytes by the member's name once it has met b (before that, by b's site id)
+    assert wait_for(lambda: sent_to_b in _scrape(a), 30, 0.3), "a never named b"
     at_a = _scrape(a)
     assert wait_for(
         lambda: _scrape(b)[("p2pacs_repairs_total", (("result", "done"),))] >= 1, 30, 0.3
     )
     at_b = _scrape(b)
     stored = a.status()["bytes"]
-    sent = at_a[("p2pacs_transfer_sent_bytes_total", (("peer", "clinic-b"),))]
+    sent = at_a[sent_to_b]
     received = at_b[("p2pacs_transfer_received_bytes_total", (("peer", "clinic-a"),))]
     assert 0 < received <= stored and 0 < sent <= stored
     dataset_bytes = at_a[("p2pacs_dicom_received_bytes_total", ())]

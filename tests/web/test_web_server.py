@@ -21,7 +21,7 @@ from p2pacs.config import WebConfig
 from p2pacs.control.client import RUNFILE
 from p2pacs.dicom.scu import store_files
 from p2pacs.errors import WebError
-from p2pacs.events import Event, SecurityAlert
+from p2pacs.events import Event, SecurityAlert, UserAuthentication
 from p2pacs.node import SiteNode
 from p2pacs.site import Site
 from p2pacs.web import WebServer
@@ -42,12 +42,15 @@ def _basic(user: str, password: str) -> dict[str, str]:
 class Alerts:
     def __init__(self) -> None:
         self.items: list[SecurityAlert] = []
+        self.logins: list[UserAuthentication] = []
         self._lock = threading.Lock()
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, SecurityAlert):
-            with self._lock:
+        with self._lock:
+            if isinstance(event, SecurityAlert):
                 self.items.append(event)
+            elif isinstance(event, UserAuthentication):
+                self.logins.append(event)
 
 
 async def test_refused_without_valid_credentials(web_node: SiteNode) -> None:
@@ -75,6 +78,8 @@ async def test_refused_without_valid_credentials(web_node: SiteNode) -> None:
         async with s.get(url + "/status.json", headers=_basic(USER, PASSWORD)) as r:
             assert r.status == 200
             status = await r.json()
+        async with s.get(url + "/", headers=_basic(USER, PASSWORD)) as r:
+            assert r.status == 200  # the same user again: one login, not one per request
         async with s.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
             assert r.status == 200
             assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -85,6 +90,13 @@ async def test_refused_without_valid_credentials(web_node: SiteNode) -> None:
     assert "unknown user 'mallory'" in details[5]
     assert "unknown bearer token" in details[6]
     assert all(a.peer == "127.0.0.1" for a in alerts.items)
+    # PS3.15 User Authentication: the named user's failed and successful logins, and the token
+    assert [(e.user, e.success) for e in alerts.logins] == [
+        (f"user:{USER}", False),
+        ("user:mallory", False),
+        (f"user:{USER}", True),
+        ("token:prometheus", True),
+    ]
     assert status["running"] is True and status["schema"] == 1
     assert status["web"] == list(web_node.web.address)
 
