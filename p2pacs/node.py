@@ -130,7 +130,9 @@ class SiteNode:
             store=config.store,
             config=config.dicom,
             bus=archive.events,
-            methods=methods_for(archive, self._ensure_local, self._commitment, federated=enrolled),
+            methods=methods_for(
+                archive, self._ensure_local, self._commitment, self._repair_read, federated=enrolled
+            ),
             count=resolve_workers(config.dicom.workers),
             federated=enrolled,
         )

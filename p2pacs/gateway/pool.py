@@ -237,11 +237,13 @@ def methods_for(
     archive: Archive,
     ensure_local: Callable[[list[str]], None],
     commit: Callable[[list[tuple[str, str]], float], Any],
+    repair: Callable[[str], bool],
     *,
     federated: bool,
 ) -> dict[str, Method]:
-    """The channel's methods: the workers' writes, read-through and commitment. ``federated``:
-    the workers' writes go to the change log the federation tails (nothing else would prune it)."""
+    """The channel's methods: the workers' writes, read-through, commitment and blob repair.
+    ``federated``: the workers' writes go to the change log the federation tails (nothing else
+    would prune it)."""
 
     def do_write(args: list[Any], dataset: bytearray) -> list[Any]:
         attrs, version = args
@@ -258,4 +260,12 @@ def methods_for(
         result = commit(refs, float(args[1]))
         return [result.committed, result.failed]
 
-    return {"write": do_write, "ensure_local": do_ensure_local, "commit": do_commit}
+    def do_repair(args: list[Any], _payload: bytearray) -> bool:
+        return repair(str(args[0]))
+
+    return {
+        "write": do_write,
+        "ensure_local": do_ensure_local,
+        "commit": do_commit,
+        "repair": do_repair,
+    }

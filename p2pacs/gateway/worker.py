@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = ["main", "spec"]
 log = logging.getLogger(__name__)
 
 READ_THROUGH_TIMEOUT = 600.0  # seconds a C-MOVE/C-GET waits for the federation to fetch a study
+REPAIR_TIMEOUT = 150.0  # seconds: the main process gives a repair 120 s, plus the channel
 COMMIT_MARGIN = 30.0  # seconds beyond the commitment timeout before the channel gives up
 
 
@@ -109,12 +111,28 @@ def _remote_write(caller: Caller) -> RemoteWrite:
     return write
 
 
+def _remote_repair(channel: Path) -> Callable[[str], bool]:
+    """A blob that fails its hash when read here is repaired by the main process's federation
+    (as the in-process gateway's ``repair_hook`` does); False if that could not be done."""
+
+    def repair(h: str) -> bool:
+        try:
+            return bool(call(channel, "repair", [h], REPAIR_TIMEOUT))
+        except P2PacsError as exc:
+            log.error("blob %s could not be repaired while reading it: %s", h[:16], exc)
+            return False
+
+    return repair
+
+
 def run(settings: dict[str, Any]) -> None:
     channel = Path(settings["channel"])
     # the archive exactly as the site opens it (the same LMDB map; the object store, if any)
     site = Site(Path(settings["site_path"]), Config(store=StoreConfig(**settings["store"])))
     archive = site.archive()
     archive.remote_write = _remote_write(Caller(channel))
+    if settings["federated"]:
+        archive.repair_hook = _remote_repair(channel)
     sender = EventSender(channel)
     archive.events.subscribe(sender.emit)
     federated = bool(settings["federated"])
@@ -134,7 +152,7 @@ def run(settings: dict[str, Any]) -> None:
         while not stop.wait(1.0):  # a timed wait: the SIGTERM handler runs between waits
             pass
     finally:
-        gateway.stop()  # running associations finish their current request or time out
+        gateway.stop()  # no new associations; open ones end with the process
         sender.close()
         archive.close()
 

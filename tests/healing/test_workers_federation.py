@@ -1,5 +1,6 @@
 """Sites whose gateway runs as worker processes (``dicom.workers = 2``): what the workers ingest
-reaches the federation through the change log, and commitment goes through the main process."""
+reaches the federation through the change log; commitment and the repair of a blob found rotten
+while a worker reads it go through the main process."""
 
 from __future__ import annotations
 
@@ -74,6 +75,12 @@ def test_worker_ingest_replicates_and_commitment_is_answered(
             assoc.release()
             assert status.Status == 0x0000
             assert wait_for(lambda: bool(reports), 60, 0.2), "no N-EVENT-REPORT arrived"
+
+            # a blob rotten on disk at B is repaired from A when B's worker reads it for a C-GET
+            b.stop()
+            assert b.corrupt_blob(0.5) is not None
+            b.start()
+            assert lost_at(b, studies, originals(stored)) == []
     finally:
         server.shutdown()
     event_type, info = reports[0]
