@@ -14,13 +14,20 @@ One association, so every C-STORE waits for its own commit: with ``[store] sync 
 p2pacs matched the bare pynetdicom SCP here, i.e. the gap to it is the fsync. Orthanc 1.10
 fsyncs too (``SyncStorageArea`` defaults to true); the bare pynetdicom SCP and storescp do not.
 
+``--associations 1,4,8`` sends the same files over K concurrent storescu processes (file i on
+association i mod K) for each K, and adds ``p2pacs_w1`` (``dicom.workers = 1``, the in-process
+gateway) beside ``p2pacs`` (the default: one gateway worker per core). The JSON then holds
+``<receiver>_k<K>_per_s`` and ``ratio_vs_orthanc_k<K>`` for each K, and the load average.
+
     python bench/ingest_dicom.py --instances 200
+    python bench/ingest_dicom.py --instances 400 --associations 1,4,8 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +50,7 @@ from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
     free_tcp_port,
     peer_env,
     run_dcmtk,
+    tool_path,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -80,23 +88,43 @@ class PynetdicomSCP:
                 self.proc.wait(10)
 
 
-def send(aet: str, port: int, files: list[Path]) -> float:
-    """Seconds for storescu to send every file on one association (raises on any failure)."""
+def send(aet: str, port: int, files: list[Path], associations: int = 1) -> float:
+    """Seconds for ``associations`` concurrent storescu processes to send every file (file i
+    on association i mod K; raises on any failure)."""
+    if associations == 1:
+        start = time.perf_counter()
+        run_dcmtk(
+            "storescu",
+            "-aet",
+            "BENCH",
+            "-aec",
+            aet,
+            "--max-send-pdu",
+            "131072",
+            "127.0.0.1",
+            port,
+            *files,
+            timeout=600,
+        )
+        return time.perf_counter() - start
+    base = [tool_path("storescu"), "-aet", "BENCH", "-aec", aet, "--max-send-pdu", "131072"]
     start = time.perf_counter()
-    run_dcmtk(
-        "storescu",
-        "-aet",
-        "BENCH",
-        "-aec",
-        aet,
-        "--max-send-pdu",
-        "131072",
-        "127.0.0.1",
-        port,
-        *files,
-        timeout=600,
-    )
-    return time.perf_counter() - start
+    procs = [
+        subprocess.Popen(
+            [*base, "127.0.0.1", str(port), *map(str, files[i::associations])],
+            env=peer_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(associations)
+    ]
+    errors = [(p.wait(600), p.stderr.read() if p.stderr else "") for p in procs]
+    seconds = time.perf_counter() - start
+    failed = [err for code, err in errors if code != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {associations} storescu failed: {failed[0][-500:]}")
+    return seconds
 
 
 def count_files(folder: Path) -> int:
@@ -111,20 +139,21 @@ def measure(
     work: Path,
     rounds: int,
     check: Callable[[Any, Path], int],
+    associations: int = 1,
 ) -> float:
     """Best instances/s over ``rounds`` sends, each into a fresh receiver."""
     best = 0.0
     for r in range(rounds):
-        folder = work / f"{name}{r}"
+        folder = work / f"{name}-k{associations}-{r}"
         folder.mkdir()
         with make(folder) as peer:
-            seconds = send(peer.aet, peer.port, files)
+            seconds = send(peer.aet, peer.port, files, associations)
             received = check(peer, folder)
         shutil.rmtree(folder, ignore_errors=True)
         if received != len(files):
             raise RuntimeError(f"{name} holds {received} of {len(files)} instances")
         rate = len(files) / seconds
-        print(f"{name} round {r + 1}: {rate:.0f} instances/s", file=sys.stderr)
+        print(f"{name} K={associations} round {r + 1}: {rate:.0f} instances/s", file=sys.stderr)
         best = max(best, rate)
     return best
 
@@ -134,7 +163,15 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    ap.add_argument(
+        "--associations",
+        default="",
+        help="comma-separated K values: K concurrent storescu associations each (e.g. 1,4,8)",
+    )
     args = ap.parse_args()
+    if args.associations:
+        concurrent(args)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="p2pacs-bench-", dir=args.dir))
     try:
@@ -197,6 +234,77 @@ def main() -> None:
         "ratio_vs_orthanc": round(p2 / rates["orthanc"], 3),
         "ratio_vs_pynetdicom": round(p2 / rates["pynetdicom"], 3),
     }
+    print(json.dumps(result))
+
+
+def p2pacs_site(folder: Path, workers: int) -> P2pacsServe:
+    """``p2pacs serve`` with ``dicom.workers`` set (0: one per core) before it starts."""
+    from p2pacs.site import Site
+
+    site = Site.init(folder / "site")
+    site.config.dicom.workers = workers
+    site.save_config()
+    return P2pacsServe(folder / "site", "P2PACS")
+
+
+def p2pacs_count(peer: P2pacsServe, folder: Path) -> int:
+    """What the running site answers to C-FIND (its LMDB belongs to the server while it runs)."""
+    import pydicom
+
+    out = folder / "find"
+    out.mkdir()
+    run_dcmtk(
+        "findscu", "-S", "-aec", peer.aet, "-X", "-od", out,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+        "-k", "NumberOfStudyRelatedInstances", "127.0.0.1", peer.port,
+    )  # fmt: skip
+    return sum(int(pydicom.dcmread(p).NumberOfStudyRelatedInstances) for p in out.iterdir())
+
+
+def concurrent(args: argparse.Namespace) -> None:
+    """``--associations``: every receiver at every K, same files, same run."""
+    ks = [int(k) for k in args.associations.split(",") if k.strip()]
+    work = Path(tempfile.mkdtemp(prefix="p2pacs-bench-", dir=args.dir))
+    load_before = os.getloadavg()
+    rates: dict[str, float] = {}
+    try:
+        files = bench_files(work / "src", args.instances)
+        receivers: dict[str, tuple[Callable[[Path], Any], Callable[[Any, Path], int]]] = {
+            "storescp": (StoreSCP, lambda _p, d: count_files(d)),
+            "orthanc": (
+                lambda d: Orthanc(d, "ORTHANC"),
+                lambda p, _d: int(p.get("/statistics")["CountInstances"]),
+            ),
+            "pynetdicom": (PynetdicomSCP, lambda _p, d: count_files(d)),
+            "p2pacs": (lambda d: p2pacs_site(d, 0), p2pacs_count),
+            "p2pacs_w1": (lambda d: p2pacs_site(d, 1), p2pacs_count),
+        }
+        for k in ks:
+            for name, (make, check) in receivers.items():
+                rates[f"{name}_k{k}_per_s"] = measure(
+                    name, make=make, check=check, files=files, work=work,
+                    rounds=args.rounds, associations=k,
+                )  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result: dict[str, Any] = {
+        "instances": len(files),
+        "cores": os.cpu_count(),
+        "workers_default": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        **{k: round(v, 1) for k, v in rates.items()},
+    }
+    for k in ks:
+        result[f"ratio_vs_orthanc_k{k}"] = round(
+            rates[f"p2pacs_k{k}_per_s"] / rates[f"orthanc_k{k}_per_s"], 3
+        )
+        result[f"ratio_w1_vs_orthanc_k{k}"] = round(
+            rates[f"p2pacs_w1_k{k}_per_s"] / rates[f"orthanc_k{k}_per_s"], 3
+        )
+        result[f"ratio_workers_vs_w1_k{k}"] = round(
+            rates[f"p2pacs_k{k}_per_s"] / rates[f"p2pacs_w1_k{k}_per_s"], 3
+        )
     print(json.dumps(result))
 
 

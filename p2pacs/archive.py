@@ -33,9 +33,9 @@ from p2pacs.errors import (
 )
 from p2pacs.events import EventBus
 from p2pacs.index import DicomIndex, IndexUpdate, InstanceRecord, Version
-from p2pacs.store import BlobStore, BlobWrite, ObjectStore, SiteDB, hash_bytes
+from p2pacs.store import BlobStore, BlobWrite, ChangeLog, ObjectStore, SiteDB, hash_bytes
 
-__all__ = ["Archive", "Ingested"]
+__all__ = ["Archive", "Ingested", "RemoteWrite"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class Ingested:
     new_instance: bool
     new_version: bool
     patient_id: str = ""  # for the audit trail (PS3.15 A.5.3.2 Patient participant)
+
+
+RemoteWrite = Callable[[dict[str, AttrValue], Version, bytes | memoryview], Future[Ingested]]
 
 
 class Archive:
@@ -79,6 +82,11 @@ class Archive:
         self.repair_hook: Callable[[str], bool] | None = None
         # the site's event bus (metrics, audit): every part holds the archive, so it lives here
         self.events = EventBus()
+        # what gateway worker processes ingested, for the federation to tail (``write_checked``)
+        self.changes = ChangeLog(self.db)
+        # set in a gateway worker process: checked and hashed instances are written by the
+        # site's main process, so one group commit serves every worker (gateway/worker.py)
+        self.remote_write: RemoteWrite | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -139,11 +147,34 @@ class Archive:
         version indexed after its elders): nothing is read back, hashed or parsed again."""
         return self._write(attrs, version, None)
 
+    def write_checked(
+        self,
+        attrs: dict[str, AttrValue],
+        version: Version,
+        dataset: bytes | memoryview,
+        *,
+        log_change: bool,
+    ) -> Future[Ingested]:
+        """Write an instance a gateway worker has ``check``ed and hashed: blob and index entry
+        in one durable write job, group-committed with everything else this process writes.
+        ``log_change`` (an enrolled site): a change-log entry in the same transaction instead
+        of ``on_ingest``, for the federation to tail (``federation/changes.py``)."""
+        if len(dataset) != version.size:  # the worker's hash is trusted: reads re-check it
+            raise InvalidDicomError(f"{len(dataset)} dataset bytes received for {version.size}")
+        return self._write(attrs, version, dataset, log_change=log_change)
+
     def _write(
-        self, attrs: dict[str, AttrValue], version: Version, dataset: bytes | memoryview | None
+        self,
+        attrs: dict[str, AttrValue],
+        version: Version,
+        dataset: bytes | memoryview | None,
+        *,
+        log_change: bool = False,
     ) -> Future[Ingested]:
         """Queue blob (unless stored already) and index entry as one durable write job; a blob
         bound for the object store is PUT (acknowledged) here first, on the caller's thread."""
+        if self.remote_write is not None and dataset is not None:
+            return self.remote_write(attrs, version, dataset)
         h = version.hash
         blob: BlobWrite | None = None
         if dataset is not None:
@@ -154,7 +185,10 @@ class Archive:
                 blob.apply(txn)
             elif not self.blobs.has_in(txn, h):
                 raise BlobNotFoundError(f"blob {h} is not stored; it cannot be indexed")
-            return self.index.add(txn, attrs, version)
+            update = self.index.add(txn, attrs, version)
+            if update.new_version and log_change:
+                self.changes.append(txn, update.study_uid)
+            return update
 
         weight = version.size if blob is not None and blob.local else 0
         write = self.db.submit(job, weight=weight)
@@ -180,7 +214,7 @@ class Archive:
                 str(attrs.get("PatientID", "")),
             )
             result.set_result(ingested)
-            if update.new_version:
+            if update.new_version and not log_change:
                 self._notify(ingested)
 
         write.add_done_callback(done)

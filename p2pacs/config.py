@@ -94,6 +94,9 @@ class DicomConfig:
     # 2000), send it lossy-compressed copies (off: such a sub-operation fails). Stored bytes
     # never change either way.
     lossy_transcoding: bool = False
+    # gateway processes sharing the DICOM port: 0 = one per core, 1 = the gateway runs in the
+    # site's own process (docs/architecture.md, "Gateway workers")
+    workers: int = 0
 
 
 @dataclass(slots=True)
@@ -298,6 +301,8 @@ class Config:
                 problems.append(f"federation.bootstrap: {exc}")
         if d.max_pdu < 0:
             problems.append("dicom.max_pdu must be 0 (unlimited) or more")
+        if not 0 <= d.workers <= 256:
+            problems.append(f"dicom.workers = {d.workers} must be 0 (one per core) to 256")
         if f.replication < 1:
             problems.append(f"federation.replication = {f.replication} must be 1 or more")
         for key, value in (

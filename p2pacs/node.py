@@ -33,11 +33,13 @@ from p2pacs.control.client import RUNFILE
 from p2pacs.dicomweb import dicomweb_app
 from p2pacs.errors import FederationError, P2PacsError
 from p2pacs.events import Lifecycle
+from p2pacs.federation.changes import ChangeTailer
 from p2pacs.federation.continuity import settle_at_start
 from p2pacs.federation.identity import CA_CERT, SITE_CERT, SITE_KEY
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.search import FederatedSearch
 from p2pacs.gateway import CommitmentResult, Gateway
+from p2pacs.gateway.pool import WorkerPool, methods_for, resolve_workers
 from p2pacs.healing.commitment import check_commitment
 from p2pacs.healing.recovery import Recovery
 from p2pacs.healing.repair import Healer
@@ -66,6 +68,7 @@ class SiteNode:
         self.new_site = new_site
         self.archive: Archive | None = None
         self.gateway: Gateway | None = None
+        self.workers: WorkerPool | None = None  # instead of ``gateway`` when dicom.workers > 1
         self.federation: FederationNode | None = None  # when enrolled
         self.healer: Healer | None = None
         self.recovery: Recovery | None = None
@@ -83,6 +86,8 @@ class SiteNode:
 
     @property
     def dicom_address(self) -> tuple[str, int]:
+        if self.workers is not None:
+            return self.workers.address
         assert self.gateway is not None, "node not started"
         return self.gateway.address
 
@@ -94,14 +99,17 @@ class SiteNode:
             self._start_audit(archive)
         if enrolled:  # before the gateway takes a C-STORE: a wiped archive is awaiting from now
             self._settle_baseline(archive)
-        self.gateway = Gateway(
-            archive,
-            self.site.config.dicom,
-            ensure_local=self._ensure_local if enrolled else None,
-            commitment=self._commitment if enrolled else None,
-        )
-        self.gateway.start()
-        host, port = self.gateway.address
+        if resolve_workers(self.site.config.dicom.workers) > 1:
+            await asyncio.to_thread(self._start_workers, archive, enrolled)
+        else:
+            self.gateway = Gateway(
+                archive,
+                self.site.config.dicom,
+                ensure_local=self._ensure_local if enrolled else None,
+                commitment=self._commitment if enrolled else None,
+            )
+            self.gateway.start()
+        host, port = self.dicom_address
         log.info("gateway listening on %s:%d as %s", host, port, self.site.config.dicom.ae_title)
         if enrolled:
             await self._start_federation()
@@ -113,6 +121,22 @@ class SiteNode:
             Lifecycle("start", self.site.config.federation.name or self.site.path.name)
         )
         self._write_runfile()
+
+    def _start_workers(self, archive: Archive, enrolled: bool) -> None:
+        """The gateway as worker processes on one shared port (docs/architecture.md)."""
+        config = self.site.config
+        self.workers = WorkerPool(
+            site_path=self.site.path,
+            store=config.store,
+            config=config.dicom,
+            bus=archive.events,
+            methods=methods_for(
+                archive, self._ensure_local, self._commitment, self._repair_read, federated=enrolled
+            ),
+            count=resolve_workers(config.dicom.workers),
+            federated=enrolled,
+        )
+        self.workers.start()
 
     async def _start_web(self, archive: Archive) -> None:
         """The status page, /status.json and /metrics, and every route set in ``web_parts``."""
@@ -241,6 +265,9 @@ class SiteNode:
         self.recovery = recovery = Recovery(fed)
         fed.on_fetched.append(recovery.on_demand)
         healer.defer = recovery.takes_over
+        tailer = ChangeTailer(self.archive, fed.publisher.mark)  # what gateway workers ingested
+        fed.publisher.on_published.append(tailer.published)
+        fed.add_task(tailer.run)
         fed.add_task(healer.run)
         fed.add_task(recovery.run)
         fed.repair = lambda h: repair_blob(fed, h)  # a blob found rotten while serving a peer
@@ -342,6 +369,9 @@ class SiteNode:
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
+        if self.workers is not None:
+            await asyncio.to_thread(self.workers.stop)
+            self.workers = None
         if self.federation is not None:
             try:
                 await self.federation.stop()

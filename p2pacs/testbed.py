@@ -258,9 +258,11 @@ class Testbed:
         recover_give_up: float | None = None,
         metadata_grace: float | None = None,
         trim_after: float | None = None,
+        workers: int = 1,
     ):
         """``hosts``/``prefixes`` place sites on other addresses (e.g. network namespaces),
-        where each site can use the default ports."""
+        where each site can use the default ports. ``workers``: each site's ``dicom.workers``
+        (1, the in-process gateway, unless a test is about worker processes)."""
         from p2pacs.federation.identity import create_federation_dir, enroll_site
 
         self.root = root
@@ -305,6 +307,7 @@ class Testbed:
             if trim_after is not None:
                 site.config.federation.trim_after = trim_after
             site.config.dicom.bind = site_host
+            site.config.dicom.workers = workers
             site.save_config()
             if first_dht is None:
                 first_dht, first_host = dht, site_host

@@ -25,6 +25,7 @@ from p2pacs.errors import ConfigError
 from p2pacs.gateway.commitment import CommitFn, CommitmentHandler, local_commitment
 from p2pacs.gateway.contexts import SharedUIDContexts
 from p2pacs.gateway.find import FindHandler
+from p2pacs.gateway.listen import serve_inherited
 from p2pacs.gateway.observe import association_observers, observed
 from p2pacs.gateway.rawsend import direct_writes_when_sending
 from p2pacs.gateway.retrieve import RetrieveHandlers
@@ -129,10 +130,14 @@ class Gateway:
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        """Listen without blocking; port 0 picks a free port (see ``address``)."""
+    def start(self, listen_fd: int | None = None) -> None:
+        """Listen without blocking; port 0 picks a free port (see ``address``). ``listen_fd``:
+        accept on this listening socket instead (a worker process, ``gateway.worker``)."""
         with self._lock:
             if self._server is not None:
+                return
+            if listen_fd is not None:
+                self._server = serve_inherited(self.ae, listen_fd, self.handlers)
                 return
             try:
                 server = self.ae.start_server(

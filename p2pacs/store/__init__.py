@@ -4,6 +4,7 @@ seam to an object store for instance bytes (``store.backend = "s3"``)."""
 from __future__ import annotations
 
 from p2pacs.store.blobs import BlobInfo, BlobStore, BlobWrite, hash_bytes, hashed_bytes
+from p2pacs.store.changelog import ChangeLog
 from p2pacs.store.db import SiteDB
 from p2pacs.store.objects import ObjectStore, object_key
 
@@ -11,6 +12,7 @@ __all__ = [
     "BlobInfo",
     "BlobStore",
     "BlobWrite",
+    "ChangeLog",
     "ObjectStore",
     "SiteDB",
     "hash_bytes",

@@ -127,6 +127,7 @@ async def test_operations_and_refusals_reach_rsyslog_across_a_restart(tmp_path: 
     cfg = site.config
     cfg.dicom.bind = "127.0.0.1"
     cfg.store.sync = False
+    cfg.dicom.workers = 1  # the in-process gateway (node.gateway)
     cfg.audit.repositories = [f"tls://127.0.0.1:{rs.tls_port}"]
     cfg.audit.ca_file = str(rs.ca)
     cfg.save(site.config_path)

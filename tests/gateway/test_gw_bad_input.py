@@ -204,6 +204,7 @@ async def test_full_archive_answers_out_of_resources(tmp_path: Path) -> None:
     config.dicom.ae_title = AET
     config.dicom.bind = "127.0.0.1"
     config.dicom.port = 0
+    config.dicom.workers = 1  # the in-process gateway (node.gateway)
     site = Site.init(tmp_path / "site", config)
     async with SiteNode(site) as node:
         assert node.gateway is not None and node.archive is not None

@@ -29,6 +29,7 @@ async def web_node(tmp_path: Path) -> AsyncIterator[SiteNode]:
     site = Site.init(tmp_path / "site")
     site.config.dicom.port = 0
     site.config.dicom.bind = "127.0.0.1"
+    site.config.dicom.workers = 1  # the in-process gateway
     enable_web(site, token=TOKEN)
     node = SiteNode(site)
     await node.start()

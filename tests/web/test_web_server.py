@@ -160,6 +160,7 @@ async def test_metrics_count_what_was_stored(web_node: SiteNode, web_instances: 
 async def test_plain_http_on_loopback(tmp_path: Path) -> None:
     site = Site.init(tmp_path / "s")
     site.config.dicom.port = 0
+    site.config.dicom.workers = 1  # the in-process gateway
     enable_web(site)
     web = site.config.web
     web.tls_cert = web.tls_key = ""
@@ -181,6 +182,7 @@ async def test_plain_http_refused_off_loopback_and_taken_port(tmp_path: Path) ->
         await WebServer(config, EventBus(), base=tmp_path).start()
     site = Site.init(tmp_path / "s")
     site.config.dicom.port = 0
+    site.config.dicom.workers = 1  # the in-process gateway
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -226,6 +228,7 @@ async def test_more_route_sets_mount_behind_the_same_access_control(tmp_path: Pa
     or ``add_routes`` before the server starts; never after."""
     site = Site.init(tmp_path / "s")
     site.config.dicom.port = 0
+    site.config.dicom.workers = 1  # the in-process gateway
     enable_web(site, token=TOKEN)
 
     async def hello(request: web.Request) -> web.Response:
