@@ -137,20 +137,21 @@ class Gateway:
             if self._server is not None:
                 return
             if listen_fd is not None:
-                self._server = serve_inherited(self.ae, listen_fd, self.handlers)
-                return
-            try:
-                server = self.ae.start_server(
-                    (self.config.bind, self.config.port),
-                    block=False,
-                    evt_handlers=self.handlers,
-                )
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen for DICOM on {self.config.bind}:{self.config.port}: "
-                    f"{exc.strerror}; choose another port with 'serve --port'"
-                ) from exc
-            assert server is not None  # block=False returns the running server
+                server = serve_inherited(self.ae, listen_fd, self.handlers)
+            else:
+                try:
+                    started = self.ae.start_server(
+                        (self.config.bind, self.config.port),
+                        block=False,
+                        evt_handlers=self.handlers,
+                    )
+                except OSError as exc:
+                    raise ConfigError(
+                        f"cannot listen for DICOM on {self.config.bind}:{self.config.port}: "
+                        f"{exc.strerror}; choose another port with 'serve --port'"
+                    ) from exc
+                assert started is not None  # block=False returns the running server
+                server = started
             # each association copies these: share the UIDs instead of deep-copying ~7,700
             server.contexts = SharedUIDContexts(server.contexts)
             self._server = server
