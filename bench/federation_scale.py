@@ -59,6 +59,7 @@ from p2pacs.federation.catalogue import CatalogueEntry, SiteRecord
 from p2pacs.federation.catstore import CatalogueStore, EntryChange
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.healing.placement import placement, plan_repairs
+from p2pacs.looplag import bulk
 
 ROOT = "1.2.826.0.1.3680043.10.4243"
 R = 2
@@ -246,8 +247,9 @@ async def measure(s_count: int, n: int, changes: int, work: Path) -> dict[str, A
 
             def rebuild_list() -> int:
                 copy_tree(fresh, me, roots[me], nodes[me])
-                todo = list(cattree.entries(fresh.nodes, roots[me]))
-                queue.put(todo).result(600)
+                with bulk():  # as Recovery._enqueue_missing lists and writes the queue
+                    todo = list(cattree.entries(fresh.nodes, roots[me]))
+                    queue.put(todo).result(600)
                 return len(todo)
 
             def who_holds() -> None:

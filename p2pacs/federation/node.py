@@ -631,10 +631,19 @@ class FederationNode:
 
     # --- holders and fetching -------------------------------------------------------------------
 
-    async def holders(self, study_uid: str) -> list[Holder]:
+    async def holders(self, study_uid: str, *, fresh: bool = True) -> list[Holder]:
         """Every other site whose catalogue lists ``study_uid`` (from the copies of the members'
-        trees held here: a local read), live ones first."""
+        trees held here: a local read), live ones first.
+
+        A study no copy lists may be newer than the copies (sent to a member a moment ago, or
+        asked for by a site that was wiped and has not copied its members' trees yet): then, with
+        ``fresh``, the live members are asked for their current roots, what moved is copied, and
+        the copies are read again. A study nobody holds costs that one round per lookup."""
         found = await asyncio.to_thread(self.catalogues.holders, [study_uid])
+        if fresh and not set(found.get(study_uid, {})) - {self.site_id}:
+            await asyncio.gather(*(self._ping(m) for m in self.live_members()))
+            await self.copy_member_catalogues()
+            found = await asyncio.to_thread(self.catalogues.holders, [study_uid])
         out = []
         for site_id, holding in found.get(study_uid, {}).items():
             if site_id == self.site_id:

@@ -23,7 +23,7 @@ RECHECK = 0.5  # seconds between checks while waiting for replication
 
 async def _copies(node: FederationNode, study_uid: str, blob: str) -> int:
     copies = 1  # this site: the caller checked that the instance is held here
-    for holder in await node.holders(study_uid):
+    for holder in await node.holders(study_uid, fresh=False):  # kept fresh by pushes
         if not holder.up or holder.peer is None:
             continue
         try:

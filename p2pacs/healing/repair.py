@@ -285,7 +285,7 @@ class Healer:
         out = []
         for uid in study_uids:
             local = {e.hash for e in self.node.publisher.manifest_of(uid).entries}
-            for holder in await self.node.holders(uid):
+            for holder in await self.node.holders(uid, fresh=False):
                 if holder.peer is None:
                     continue
                 try:

@@ -15,7 +15,7 @@ import pytest
 from p2pacs.federation.identity import load_identity
 from p2pacs.healing.placement import placement
 from p2pacs.samples import generate_instances
-from p2pacs.testbed import Testbed
+from p2pacs.testbed import Testbed, wait_for
 
 from fault_helpers import ingest, lost_at, originals, studies_of, wait_replicated
 
@@ -27,6 +27,11 @@ SLACK = 256 * 1024  # bytes: this site's own small blobs (its manifest, its cata
 
 def test_fetch_hashes_each_byte_once(testbed: Testbed, tmp_path: Path) -> None:
     ids = {n: load_identity(testbed[n].site)[0].site_id for n in testbed.sites}
+    # every site sees every other live before anything is sent: all place the study alike, so
+    # only its placed sites ever copy it
+    assert wait_for(
+        lambda: all(testbed[n].status()["federation"]["sites_up"] == 3 for n in ids), 30, 0.2
+    )
     # a study whose placement includes the ingesting site: the other placed site pulls it and
     # the third never holds it, so the third is the fetcher (no surplus copy to race with)
     for seed in range(31, 61):
