@@ -58,12 +58,15 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-# dcmtk's tools, not pynetdicom's same-named Python apps that the venv puts first on PATH
+# dcmtk's tools, not pynetdicom's same-named Python apps that a venv puts first on PATH (this
+# one, or any other venv whose bin/ is on PATH: a folder beside a pyvenv.cfg)
 SYSTEM_PATH = (
     os.pathsep.join(
         p
         for p in os.environ.get("PATH", "").split(os.pathsep)
-        if p and Path(p).resolve() != Path(sys.prefix, "bin").resolve()
+        if p
+        and Path(p).resolve() != Path(sys.prefix, "bin").resolve()
+        and not Path(p, os.pardir, "pyvenv.cfg").exists()
     )
     + os.pathsep
     + "/usr/local/bin:/usr/bin:/usr/sbin:/bin"
