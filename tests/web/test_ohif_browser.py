@@ -64,7 +64,13 @@ def ohif_dist() -> Path:
         if done.returncode != 0 or not tarball.exists():
             pytest.skip(f"npm could not fetch @ohif/app@{OHIF_VERSION}: {done.stderr[-500:]!r}")
     with tarfile.open(tarball) as tar:
-        tar.extractall(dist.parents[1], filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later: refuse unsafe members
+            tar.extractall(dist.parents[1], filter="data")
+        else:  # Debian 12's 3.11.2: no filter; the names are npm's own package layout
+            for member in tar.getmembers():
+                if member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
+                    raise RuntimeError(f"unsafe path in {tarball.name}: {member.name}")
+            tar.extractall(dist.parents[1])
     return dist
 
 
