@@ -4,10 +4,9 @@ Who holds what comes from the catalogue trees held here (this site's and a copy 
 member's; the last tree of a member that went down is still held, which is exactly what tells
 the survivors what to copy), through ``CatalogueStore.holders``. A pass looks only at what may
 have changed: the studies whose holders changed since the last pass (each new root committed
-names them), every study of a site that went down or came back, and the studies whose pull
-failed; every ``UNDER_RECHECK`` seconds also every study still under-replicated. The first pass
-after start looks at every study once, off the event loop in batches. An idle pass costs
-nothing.
+names them), every study of a site that went down or came back, the studies whose pull
+failed and the studies still under-replicated. The first pass after start looks at every study
+once, off the event loop in batches. An idle pass costs nothing.
 
 For a study with fewer than R live holders, the missing copies go to the best-ranked live
 non-holders (rendezvous order, so every site computes the same targets); a target pulls on its
@@ -43,11 +42,6 @@ log = logging.getLogger(__name__)
 PULL_WORKERS = 2  # studies pulled at once; each pull fetches its blobs in parallel
 FULL_PAUSE = 60.0  # seconds a pull worker rests after the archive was found full
 PASS_BATCH = 5_000  # studies looked at per step of a pass (one read snapshot, one plan)
-# seconds between looks at every study still under-replicated: their repairs are driven by the
-# changes they cause (a copy published, a pull failed, a member back); a member gone for good
-# leaves its studies under-replicated, and looking at all of them every pass would cost CPU
-# in proportion to them forever
-UNDER_RECHECK = 300.0
 RECENT_PULLS = 10  # repair pulls kept for status (``recent_repairs``)
 
 
@@ -78,7 +72,6 @@ class Healer:
         self.under: set[str] = set()  # studies with fewer than R live complete holders
         self._dirty: set[str] = set()  # studies to look at in the next pass
         self._everything = True  # the first pass looks at every study once
-        self._under_checked = time.monotonic()
         self._live_before: set[bytes] = {node.site_id}
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
@@ -145,11 +138,7 @@ class Healer:
                 yield batch
         moved = (live ^ self._live_before) - {self.node.site_id}
         self._live_before = set(live)
-        studies, self._dirty = self._dirty | self.trimmer.due(time.time()), set()
-        now = time.monotonic()
-        if now - self._under_checked >= UNDER_RECHECK:  # a safety net, not the way repairs go
-            self._under_checked = now
-            studies |= self.under
+        studies, self._dirty = self._dirty | self.under | self.trimmer.due(time.time()), set()
 
         def of_sites() -> set[str]:
             with bulk():
