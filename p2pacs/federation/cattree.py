@@ -43,13 +43,16 @@ __all__ = [
     "Leaf",
     "NodeSource",
     "TreeChange",
+    "TreeDiff",
     "TreeUpdate",
     "apply",
     "build",
+    "count",
     "decode_node",
     "diff",
     "entries",
     "lookup",
+    "missing_below",
     "study_key",
 ]
 
