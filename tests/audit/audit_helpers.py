@@ -328,9 +328,13 @@ class Rsyslog:
         self.proc = None
 
     def received(self) -> list[dict[str, str]]:
+        """The records rsyslog has written whole: a line it is still writing (no newline yet) is
+        left for the next read."""
         if not self.out.exists():
             return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+        text = self.out.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def wait_for(
         self, check: Callable[[list[dict[str, str]]], bool], timeout: float = 60.0
