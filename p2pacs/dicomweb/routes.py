@@ -22,11 +22,12 @@ from aiohttp import BodyPartReader, MultipartReader, web
 
 from p2pacs import const
 from p2pacs.archive import Archive
-from p2pacs.dicom import Level, build_prefix, split_part10
-from p2pacs.dicom.transcode import choose_target, transcode
+from p2pacs.dicom import Level, split_part10
+from p2pacs.dicom.transcode import choose_target
 from p2pacs.dicomweb import qido
 from p2pacs.dicomweb.federated import Federation, SiteRows, merge_rows
 from p2pacs.dicomweb.metastore import MetadataStore, MetadataWarmer
+from p2pacs.dicomweb.stream import BufferPool, VerifiedBlobs, send_instances
 from p2pacs.dicomweb.wado import (
     ANY_SYNTAX,
     DICOM_JSON,
@@ -116,6 +117,8 @@ class DicomWeb:
         self.archive = archive
         self.ingest: Ingest = ingest or self.archive.submit
         self.meta_store = MetadataStore(archive)
+        self.verified = VerifiedBlobs()
+        self.buffers = BufferPool()
         self.federation = federation
         self.ae_title = ae_title
 
@@ -269,52 +272,8 @@ class DicomWeb:
                 plans[rec.sop_uid] = plan
         if refused:
             return _text(406, f"cannot convert to {', '.join(wanted)}: {', '.join(refused[:20])}")
-        boundary = uuid.uuid4().hex
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
-            }
-        )
-        await resp.prepare(request)
-
-        def fetch(i: int) -> asyncio.Task[tuple[bytes, bytes]] | None:
-            if i >= len(records):
-                return None
-            rec = records[i]
-            return asyncio.create_task(asyncio.to_thread(self._part10, rec, plans[rec.sop_uid]))
-
-        first = True
-        ahead = fetch(0)  # the next instance is read while this one is written
-        try:
-            for i, rec in enumerate(records):
-                current, ahead = ahead, fetch(i + 1)
-                assert current is not None
-                try:
-                    prefix, data = await current
-                except P2PacsError as exc:  # logged and left out: the headers are already sent
-                    log.error("WADO-RS: %s left out: %s", rec.sop_uid, exc)
-                    continue
-                ctype = f"application/dicom; transfer-syntax={plans[rec.sop_uid].target}"
-                await resp.write(part_header(boundary, ctype, first) + prefix)
-                await resp.write(data)  # the blob itself, not copied into a part
-                first = False
-        finally:
-            if ahead is not None:  # the client went away: the read in flight is not needed
-                ahead.cancel()
-        await resp.write(closing(boundary, first))
-        await resp.write_eof()
-        return resp
-
-    def _part10(self, rec: InstanceRecord, plan: Any) -> tuple[bytes, bytes]:
-        """The instance as a Part-10 file in ``plan.target``: (file meta, dataset), read in a
-        worker thread."""
-        v = rec.current
-        raw = self.archive.blob(v.hash)
-        if plan.as_stored(v.transfer_syntax):
-            prefix = v.prefix or build_prefix(rec.sop_class_uid, rec.sop_uid, v.transfer_syntax)
-            return prefix, raw
-        converted = transcode(raw, v.transfer_syntax, plan)
-        return build_prefix(rec.sop_class_uid, rec.sop_uid, plan.target), converted
+        items = [(rec, plans[rec.sop_uid]) for rec in records]
+        return await send_instances(request, self.archive, self.verified, self.buffers, items)
 
     async def metadata(self, request: web.Request) -> web.StreamResponse:
         if not wants_json(request.headers.get("Accept")):
