@@ -25,6 +25,7 @@ from p2pacs.archive import Archive
 from p2pacs.dicom import Level, split_part10
 from p2pacs.dicom.transcode import choose_target
 from p2pacs.dicomweb import qido
+from p2pacs.dicomweb.bulkdata import BulkDataNotFoundError, bulk_value, parse_path
 from p2pacs.dicomweb.federated import Federation, SiteRows, merge_rows
 from p2pacs.dicomweb.metastore import MetadataStore, MetadataWarmer
 from p2pacs.dicomweb.stream import BufferPool, VerifiedBlobs, send_instances
@@ -34,11 +35,13 @@ from p2pacs.dicomweb.wado import (
     NotAcceptableError,
     StowResult,
     accepted_syntaxes,
+    bulk_accept,
     closing,
     frames_of,
     part_header,
     stow_response,
     wants_json,
+    with_base,
 )
 from p2pacs.errors import InvalidDicomError, P2PacsError, StoreFullError, TranscodeError
 from p2pacs.index import InstanceRecord
@@ -65,6 +68,7 @@ _ROUTES = {  # name -> path pattern (the name says the handler and the level)
     "meta_series": f"/studies/{_STUDY}/series/{_SERIES}/metadata",
     "meta_instance": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/metadata",
     "frames": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/frames/{{frames}}",
+    "bulkdata": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/bulkdata/{{path:.+}}",
 }
 MAX_BOUNDARY = 200  # characters of a multipart boundary we take (RFC 2046: 70)
 MAX_PART = 1 << 32  # bytes of one STOW-RS part held in memory: 4 GiB, far above any instance
@@ -131,7 +135,7 @@ class DicomWeb:
         canonical = route.resource.canonical if route.resource is not None else ""
         own = _PATTERNS.get(route.name or "", "")
         prefix = canonical[: len(canonical) - len(own)] if canonical.endswith(own) else ""
-        return str(request.url.origin()) + prefix
+        return _origin(request) + prefix
 
     def _instances(self, study: str, series: str = "", sop: str = "") -> list[InstanceRecord]:
         """The instances a WADO-RS path names (a worker thread: reads the index)."""
@@ -280,9 +284,19 @@ class DicomWeb:
             return _text(406, f"metadata is served as {DICOM_JSON} only")
         records = await self._records(request)
 
+        base = self._base(request)
+
         def run() -> bytes:
             versions = [(rec.current.hash, rec.current.transfer_syntax) for rec in records]
-            return b"[" + b",".join(self.meta_store.get_many(versions)) + b"]"
+            entries = self.meta_store.get_many(versions)
+            return (
+                b"["
+                + b",".join(
+                    with_base(e, _url(base, Level.IMAGE, _uids(rec)))
+                    for e, rec in zip(entries, records, strict=True)
+                )
+                + b"]"
+            )
 
         try:
             body = await asyncio.to_thread(run)
@@ -293,7 +307,7 @@ class DicomWeb:
 
     async def frames(self, request: web.Request) -> web.StreamResponse:
         try:
-            wanted = accepted_syntaxes(request.headers.get("Accept"), "application/octet-stream")
+            single, wanted = bulk_accept(request.headers.get("Accept"))
         except NotAcceptableError as exc:
             return _text(406, str(exc))
         try:
@@ -316,13 +330,36 @@ class DicomWeb:
             return _text(404, str(exc))
         except TranscodeError as exc:
             return _text(406, str(exc))
-        boundary = uuid.uuid4().hex
-        body = b"".join(
-            part_header(boundary, f"application/octet-stream; transfer-syntax={syntax}", i == 0) + f
-            for i, f in enumerate(frames)
-        ) + closing(boundary, not frames)
-        ctype = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
-        return web.Response(body=body, headers={"Content-Type": ctype})
+        return _octet_response(frames, syntax, single)
+
+    async def bulkdata(self, request: web.Request) -> web.StreamResponse:
+        """The value behind a BulkDataURI of ``/metadata`` (PS3.18 8.7.3.3, bulkdata.py)."""
+        try:
+            single, wanted = bulk_accept(request.headers.get("Accept"))
+        except NotAcceptableError as exc:
+            return _text(406, str(exc))
+        if not {ANY_SYNTAX, _EXPLICIT}.intersection(wanted):
+            return _text(406, f"bulk data is served as stored (*) or as {_EXPLICIT}")
+        as_stored = wanted[0] == ANY_SYNTAX or _EXPLICIT not in wanted
+        try:
+            path = parse_path(request.match_info["path"])
+        except ValueError as exc:
+            return _text(400, str(exc))
+        rec = (await self._records(request))[0]
+
+        def run() -> tuple[list[bytes], str]:
+            v = rec.current
+            return bulk_value(
+                self.archive.blob(v.hash), v.transfer_syntax, path, as_stored=as_stored
+            )
+
+        try:
+            parts, syntax = await asyncio.to_thread(run)
+        except BulkDataNotFoundError as exc:
+            return _text(404, str(exc))
+        except TranscodeError as exc:
+            return _text(406, str(exc))
+        return _octet_response(parts, syntax, single)
 
     # --- STOW-RS --------------------------------------------------------------------------
 
@@ -409,6 +446,47 @@ async def _parts(request: web.Request) -> AsyncIterator[bytes]:
             yield bytes(data)
 
 
+def _origin(request: web.Request) -> str:
+    """Scheme, host and port of the URLs this service hands out. A Host header without a port
+    means the scheme's default (RFC 9110 7.2), yet dicomweb-client sends its host name alone
+    whatever the port: when the connection's own port is not the default, it is named."""
+    origin = request.url.origin()
+    host = request.headers.get("Host", "")
+    transport = request.transport
+    if host and ":" not in host.rsplit("]", 1)[-1] and transport is not None:
+        sockname = transport.get_extra_info("sockname")
+        default = 443 if request.url.scheme == "https" else 80
+        if isinstance(sockname, tuple) and len(sockname) >= 2 and sockname[1] != default:
+            origin = origin.with_port(int(sockname[1]))
+    return str(origin)
+
+
+def _octet_response(parts: list[bytes], syntax: str, single: bool) -> web.Response:
+    """Frames or bulk data: ``multipart/related; type="application/octet-stream"``, one part
+    each; a single ``application/octet-stream`` body when the client asked for that first and
+    there is one part (406 when there are several)."""
+    if single:
+        if len(parts) != 1:
+            return _text(406, f"{len(parts)} parts cannot go in one application/octet-stream")
+        ctype = f"application/octet-stream; transfer-syntax={syntax}"
+        return web.Response(body=parts[0], headers={"Content-Type": ctype})
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        part_header(boundary, f"application/octet-stream; transfer-syntax={syntax}", i == 0) + p
+        for i, p in enumerate(parts)
+    ) + closing(boundary, not parts)
+    ctype = f'multipart/related; type="application/octet-stream"; boundary={boundary}'
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+def _uids(rec: InstanceRecord) -> dict[str, str]:
+    return {
+        "StudyInstanceUID": rec.study_uid,
+        "SeriesInstanceUID": rec.series_uid,
+        "SOPInstanceUID": rec.sop_uid,
+    }
+
+
 def _url(base: str, level: Level, row: Any) -> str:
     """The WADO-RS URL of a study, series or instance result."""
     url = f"{base}/studies/{row.get('StudyInstanceUID', '')}"
@@ -427,6 +505,7 @@ def _iter_routes(handlers: DicomWeb) -> Iterator[web.RouteDef]:
             "wado": handlers.retrieve,
             "meta": handlers.metadata,
             "frames": handlers.frames,
+            "bulkdata": handlers.bulkdata,
         }[kind]
         yield web.get(path, handler, name=name, allow_head=False)
     yield web.post("/studies", handlers.store, name="stow")
