@@ -28,6 +28,7 @@ from p2pacs.dicomweb import qido
 from p2pacs.dicomweb.bulkdata import BulkDataNotFoundError, bulk_value, parse_path
 from p2pacs.dicomweb.federated import Federation, SiteRows, merge_rows
 from p2pacs.dicomweb.metastore import MetadataStore, MetadataWarmer
+from p2pacs.dicomweb.rendered import NotAnImageError, RenderParamError, parse_render, render
 from p2pacs.dicomweb.stream import BufferPool, VerifiedBlobs, send_instances
 from p2pacs.dicomweb.wado import (
     ANY_SYNTAX,
@@ -69,6 +70,11 @@ _ROUTES = {  # name -> path pattern (the name says the handler and the level)
     "meta_instance": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/metadata",
     "frames": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/frames/{{frames}}",
     "bulkdata": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/bulkdata/{{path:.+}}",
+    "rendered_instance": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/rendered",
+    "rendered_frame": (
+        f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/frames/{{frames}}/rendered"
+    ),
+    "thumbnail_instance": f"/studies/{_STUDY}/series/{_SERIES}/instances/{_INSTANCE}/thumbnail",
 }
 MAX_BOUNDARY = 200  # characters of a multipart boundary we take (RFC 2046: 70)
 MAX_PART = 1 << 32  # bytes of one STOW-RS part held in memory: 4 GiB, far above any instance
@@ -361,6 +367,40 @@ class DicomWeb:
             return _text(406, str(exc))
         return _octet_response(parts, syntax, single)
 
+    async def rendered(self, request: web.Request) -> web.StreamResponse:
+        """An instance or frame as JPEG or PNG, or its thumbnail (PS3.18 8.3.5, rendered.py):
+        a multi-frame instance's rendered and thumbnail resources show its first frame."""
+        thumbnail = (request.match_info.route.name or "").startswith("thumbnail")
+        try:
+            params = parse_render(
+                request.query.items(), request.headers.get("Accept"), thumbnail=thumbnail
+            )
+        except NotAcceptableError as exc:
+            return _text(406, str(exc))
+        except RenderParamError as exc:
+            return _text(400, str(exc))
+        frame = 1
+        if "frames" in request.match_info:
+            try:
+                frame = int(request.match_info["frames"])
+            except ValueError:
+                return _text(400, "a rendered frame is one frame number")
+        rec = (await self._records(request))[0]
+
+        def run() -> bytes:
+            v = rec.current
+            return render(self.archive.blob(v.hash), v.transfer_syntax, frame, params)
+
+        try:
+            body = await asyncio.to_thread(run)
+        except IndexError as exc:
+            return _text(404, str(exc))
+        except RenderParamError as exc:
+            return _text(400, str(exc))
+        except (NotAnImageError, TranscodeError) as exc:
+            return _text(406, f"no {params.media} rendering: {exc}")
+        return web.Response(body=body, content_type=params.media)
+
     # --- STOW-RS --------------------------------------------------------------------------
 
     async def store(self, request: web.Request) -> web.StreamResponse:
@@ -506,6 +546,8 @@ def _iter_routes(handlers: DicomWeb) -> Iterator[web.RouteDef]:
             "meta": handlers.metadata,
             "frames": handlers.frames,
             "bulkdata": handlers.bulkdata,
+            "rendered": handlers.rendered,
+            "thumbnail": handlers.rendered,
         }[kind]
         yield web.get(path, handler, name=name, allow_head=False)
     yield web.post("/studies", handlers.store, name="stow")
