@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 4 << 20  # bytes of instances read per worker job, one job ahead of the socket
 POOL_BUFFERS = 4  # READ_AHEAD buffers kept for reuse (two per retrieve in progress)
-# seconds a blob this process hash-checked is served again without re-hashing: hashing is
-# half the CPU of a retrieve (BLAKE3 ~3.5 GB/s on one core); short enough that stored bytes
-# are still re-checked at least this often when read, and the scrub re-hashes all of them
+# seconds a blob this process hash-checked is served again without re-hashing: hashing is a
+# third to half the CPU of a retrieve (BLAKE3 ~3.5 GB/s on one core); short enough that stored
+# bytes are re-checked at least this often when read, and the scrub re-hashes all of them
 VERIFIED_TTL = 300.0
 VERIFIED_ENTRIES = 65536  # blobs remembered as checked (~100 bytes each)
 
