@@ -289,7 +289,6 @@ class DicomWeb:
         if not wants_json(request.headers.get("Accept")):
             return _text(406, f"metadata is served as {DICOM_JSON} only")
         records = await self._records(request)
-
         base = self._base(request)
 
         def run() -> bytes:
@@ -365,6 +364,9 @@ class DicomWeb:
             return _text(404, str(exc))
         except TranscodeError as exc:
             return _text(406, str(exc))
+        except P2PacsError as exc:  # the blob could not be read (corrupt, no peer to repair)
+            log.error("WADO-RS bulk data of %s failed: %s", rec.sop_uid, exc)
+            return _text(500, f"the instance could not be read: {exc}")
         return _octet_response(parts, syntax, single)
 
     async def rendered(self, request: web.Request) -> web.StreamResponse:
@@ -399,6 +401,9 @@ class DicomWeb:
             return _text(400, str(exc))
         except (NotAnImageError, TranscodeError) as exc:
             return _text(406, f"no {params.media} rendering: {exc}")
+        except P2PacsError as exc:
+            log.error("WADO-RS rendering of %s failed: %s", rec.sop_uid, exc)
+            return _text(500, f"the instance could not be read: {exc}")
         return web.Response(body=body, content_type=params.media)
 
     # --- STOW-RS --------------------------------------------------------------------------
