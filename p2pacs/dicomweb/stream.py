@@ -30,7 +30,7 @@ from p2pacs.archive import Archive
 from p2pacs.dicom import build_prefix
 from p2pacs.dicom.transcode import Plan, transcode
 from p2pacs.dicomweb.wado import closing, part_header
-from p2pacs.errors import CorruptBlobError, P2PacsError
+from p2pacs.errors import CorruptBlobError, P2PacsError, StoreError
 from p2pacs.index import InstanceRecord
 
 __all__ = ["READ_AHEAD", "VERIFIED_TTL", "BufferPool", "VerifiedBlobs", "send_instances"]
@@ -196,6 +196,8 @@ async def send_instances(
             v = rec.current
             try:
                 n = read_blob_into(archive, verified, v.hash, view[pos:])
+                if n != v.size:  # the announced Content-Length counts the index's sizes
+                    raise StoreError(f"blob {v.hash[:16]} holds {n} bytes, the index {v.size}")
                 if plan.as_stored(v.transfer_syntax):
                     parts.append(view[pos : pos + n])
                     pos += n
