@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from p2pacs.archive import Archive
 from p2pacs.dicom import split_part10
+from p2pacs.dicom.transcode import Plan
 from p2pacs.dicomweb import dicomweb_app, stream
 from p2pacs.dicomweb.stream import BufferPool, VerifiedBlobs
 from p2pacs.errors import CorruptBlobError, StoreError
@@ -108,15 +109,20 @@ def test_batches_hold_about_read_ahead_bytes(monkeypatch: pytest.MonkeyPatch) ->
     @dataclass
     class V:
         size: int
+        transfer_syntax: str = "1.2.840.10008.1.2.1"
 
     @dataclass
     class R:
         current: V
 
     monkeypatch.setattr(stream, "READ_AHEAD", 100)
-    items = [(R(V(n)), None) for n in (40, 40, 40, 250, 10, 10)]
+    same, other = Plan("1.2.840.10008.1.2.1"), Plan("1.2.840.10008.1.2.5")
+    items = [(R(V(n)), same) for n in (40, 40, 40, 250, 10, 10)]
     got = stream._batches(items)  # type: ignore[arg-type]
     assert [list(r) for r in got] == [[0, 1, 2], [3], [4, 5]]
+    items[1] = (R(V(10)), other)  # converted: the end of a batch
+    got = stream._batches(items)  # type: ignore[arg-type]
+    assert [list(r) for r in got] == [[0, 1], [2, 3], [4, 5]]
     assert stream._batches([]) == []
 
 

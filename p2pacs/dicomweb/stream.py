@@ -149,11 +149,13 @@ def body_length(boundary: str, items: Sequence[tuple[InstanceRecord, Plan]]) -> 
 
 
 def _batches(items: Sequence[tuple[InstanceRecord, Plan]]) -> list[range]:
-    """Index ranges of ``items`` holding about ``READ_AHEAD`` bytes each (at least one)."""
+    """Index ranges of ``items`` holding about ``READ_AHEAD`` bytes each (at least one); an
+    instance to convert is a batch of its own (a conversion takes milliseconds, not
+    microseconds: the next one runs while this one is sent, as for stored ones)."""
     out, start, size = [], 0, 0
-    for i, (rec, _) in enumerate(items):
+    for i, (rec, plan) in enumerate(items):
         size += rec.current.size
-        if size >= READ_AHEAD:
+        if size >= READ_AHEAD or not plan.as_stored(rec.current.transfer_syntax):
             out.append(range(start, i + 1))
             start, size = i + 1, 0
     if start < len(items):
