@@ -23,9 +23,9 @@ __all__ = [
     "PDU_HEADER",
     "PDV_HEADER",
     "P_DATA_TF",
-    "PlainStoreResponse",
     "command_set",
     "pdata_frames",
+    "plain_store_status",
     "store_request",
     "store_response",
 ]
@@ -143,13 +143,9 @@ def store_request(
 _PLAIN_STORE_RSP = frozenset({0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000})
 
 
-class PlainStoreResponse(C_STORE):
-    """A C-STORE-RSP primitive that held a Status and nothing else worth reporting."""
-
-
-def store_response(command: bytes, message_id: int) -> C_STORE | None:
-    """The C-STORE-RSP primitive for the command set ``command`` (implicit VR little endian) if
-    it answers ``message_id`` without a data set; None for anything else (left to pynetdicom)."""
+def _store_fields(command: bytes | memoryview, message_id: int) -> dict[int, bytes] | None:
+    """The elements of a C-STORE-RSP command set answering ``message_id`` without a data set,
+    by element number; None for anything else."""
     fields: dict[int, bytes] = {}
     pos, end = 0, len(command)
     while pos + 8 <= end:
@@ -157,14 +153,33 @@ def store_response(command: bytes, message_id: int) -> C_STORE | None:
         pos += 8
         if group != 0 or pos + length > end:
             return None
-        fields[element] = command[pos : pos + length]
+        fields[element] = bytes(command[pos : pos + length])
         pos += length
     if pos != end or fields.get(0x0100) != b"\x01\x80" or len(fields.get(0x0900, b"")) != 2:
         return None
     if fields.get(0x0120) != _U16.pack(message_id) or fields.get(0x0800) != b"\x01\x01":
         return None
+    return fields
+
+
+def plain_store_status(command: bytes | memoryview, message_id: int) -> int | None:
+    """The Status of a C-STORE-RSP to ``message_id`` holding nothing else worth reporting (no
+    error comment, offending element…); None for any other command set."""
+    fields = _store_fields(command, message_id)
+    if fields is None or not fields.keys() <= _PLAIN_STORE_RSP:
+        return None
+    status: int = _U16.unpack(fields[0x0900])[0]
+    return status
+
+
+def store_response(command: bytes, message_id: int) -> C_STORE | None:
+    """The C-STORE-RSP primitive for the command set ``command`` (implicit VR little endian) if
+    it answers ``message_id`` without a data set; None for anything else (left to pynetdicom)."""
+    fields = _store_fields(command, message_id)
+    if fields is None:
+        return None
     if fields.keys() <= _PLAIN_STORE_RSP:
-        rsp = PlainStoreResponse()
+        rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = message_id
         rsp.Status = _U16.unpack(fields[0x0900])[0]
         return rsp

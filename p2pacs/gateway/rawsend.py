@@ -38,6 +38,7 @@ from typing import Any
 
 import pynetdicom.association
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import evt
@@ -56,9 +57,9 @@ from p2pacs.gateway.dimsewire import (
     P_DATA_TF,
     PDU_HEADER,
     PDV_HEADER,
-    PlainStoreResponse,
     command_set,
     pdata_frames,
+    plain_store_status,
     store_request,
     store_response,
 )
@@ -82,6 +83,9 @@ IOV_BATCH = 512  # buffers per sendmsg call (Linux IOV_MAX is 1024)
 PAUSE_POLL = 0.0001  # seconds between checks that a reactor has paused (pynetdicom's own)
 
 
+_SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018  # SOP Class / Instance UID
+
+
 class StoredInstance(Dataset):
     """Identifying elements and file meta of an instance, plus its encoded dataset bytes."""
 
@@ -95,17 +99,32 @@ class StoredInstance(Dataset):
     ):
         super().__init__()
         ts = UID(transfer_syntax)
-        self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = ts
-        self.SOPClassUID = UID(sop_class)
-        self.SOPInstanceUID = UID(sop_uid)
+        # by tag, not keyword: one of these is built per sub-operation
+        self[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", sop_class)
+        self[_SOP_INSTANCE] = DataElement(_SOP_INSTANCE, "UI", sop_uid)
         self.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
         self.p2pacs_encoding = (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
         self.p2pacs_ids = (str(sop_class), str(sop_uid), str(transfer_syntax))
+        self.p2pacs_meta: FileMetaDataset | None = None
         self.p2pacs_prefix = prefix
         self.p2pacs_raw = raw
         self.p2pacs_direct = False  # set while a direct writer's send_c_store sends this
         self.p2pacs_deferred = False  # set by _encode: the direct writer sends p2pacs_data
+
+    @property
+    def file_meta(self) -> FileMetaDataset:
+        """Transfer Syntax UID only, made when first read: the direct path never reads it, and
+        a ``FileMetaDataset`` costs ~40 µs to build and set."""
+        meta = self.p2pacs_meta
+        if meta is None:
+            meta = FileMetaDataset()
+            meta.TransferSyntaxUID = UID(self.p2pacs_ids[2])
+            self.p2pacs_meta = meta
+        return meta
+
+    @file_meta.setter
+    def file_meta(self, value: FileMetaDataset) -> None:
+        self.p2pacs_meta = value
 
     @property
     def p2pacs_part10(self) -> tuple[bytes, bytes]:
@@ -178,13 +197,19 @@ def _send_c_store(  # noqa: PLR0917 (pynetdicom's signature)
 
 
 def status_dataset(status: int) -> Dataset:
-    """What ``send_c_store`` returns for a response holding only a Status (PS3.7 9.1.1.1.9)."""
-    ds = Dataset()
-    ds.add_new(_STATUS_TAG, "US", status)
+    """What ``send_c_store`` returns for a response holding only a Status (PS3.7 9.1.1.1.9).
+    One dataset per status value, shared: pynetdicom's C-GET/C-MOVE service, the only caller
+    of ``send_c_store`` on these associations, reads its Status and nothing else, and building
+    a pydicom dataset per sub-operation cost ~25 µs."""
+    ds = _STATUS_DATASETS.get(status)
+    if ds is None:
+        ds = Dataset()
+        ds.Status = status
+        _STATUS_DATASETS[status] = ds
     return ds
 
 
-_STATUS_TAG = 0x00000900
+_STATUS_DATASETS: dict[int, Dataset] = {}
 
 
 def install() -> None:
@@ -350,7 +375,7 @@ class _Writer:
         frames = pdata_frames(context_id, [command], COMMAND, max_pdu)
         frames += pdata_frames(context_id, [ds.p2pacs_raw], 0, max_pdu)
         self.read_lock.acquire()
-        rsp: Any = None
+        data = None
         try:
             with self.lock:
                 sendall(sock, frames)
@@ -358,7 +383,16 @@ class _Writer:
             log.warning("association closed while sending: %s", exc)
             self.dul.event_queue.put("Evt17")
         else:
-            rsp = self._read_store_response(msg_id, context_id)
+            data = self._read_command_pdu(context_id)
+        rsp = None
+        if data is not None:
+            status = plain_store_status(memoryview(data)[12:], msg_id)
+            if status is not None:
+                self.read_lock.release()
+                return status_dataset(status)
+            rsp = store_response(bytes(data[12:]), msg_id)
+            if rsp is None:
+                self._push(data)
         if rsp is None:
             rsp = self._await_queued()
             if rsp is None:
@@ -366,10 +400,8 @@ class _Writer:
                 return Dataset()
         else:
             self.read_lock.release()
-        if isinstance(rsp, PlainStoreResponse) and rsp.Status is not None:
-            return status_dataset(rsp.Status)
-        status: Dataset = self.assoc._check_received_status(rsp)
-        return status
+        status_ds: Dataset = self.assoc._check_received_status(rsp)
+        return status_ds
 
     def _context(self, sop_class: str, ts: str) -> int | None:
         """The accepted context (as SCU) for ``sop_class`` with exactly the syntax ``ts``."""
@@ -426,31 +458,41 @@ class _Writer:
     def _read_store_response(self, message_id: int, context_id: int) -> C_STORE | None:
         """Read one PDU: the C-STORE-RSP to ``message_id`` in one PDV, or None with what was
         read pushed back for the DUL thread (a C-CANCEL, an A-ABORT, a fragmented command…)."""
+        data = self._read_command_pdu(context_id)
+        if data is None:
+            return None
+        rsp = store_response(bytes(data[12:]), message_id)
+        if rsp is None:
+            self._push(data)
+        return rsp
+
+    def _read_command_pdu(self, context_id: int) -> bytearray | None:
+        """Read one PDU: a P-DATA-TF holding one whole command in one PDV on ``context_id``
+        (returned with its 12 header bytes), or None with what was read pushed back."""
         sock = getattr(self.dul.socket, "socket", None)
         if sock is None:
             return None
         data = bytearray()
         try:
-            if not _recv_into(sock, data, 6):
-                return self._push(data)
-            _, _, length = PDU_HEADER.unpack_from(data)
-            if data[0] != P_DATA_TF or length > 0x10000 or not _recv_into(sock, data, 6 + length):
-                return self._push(data)
+            whole = _recv_into(sock, data, 6)
+            if whole:
+                _, _, length = PDU_HEADER.unpack_from(data)
+                whole = data[0] == P_DATA_TF and length <= 0x10000
+                whole = whole and _recv_into(sock, data, 6 + length)
         except OSError:  # timeout or closed: pynetdicom's reader sees it the same way
-            return self._push(data)
-        self.dul._idle_timer.restart()  # as the DUL does for every PDU it reads
-        if length < 6:
-            return self._push(data)
-        item, cx, control = PDV_HEADER.unpack_from(data, 6)
-        if item + 4 != length or cx != context_id or control != COMMAND | LAST:
-            return self._push(data)
-        rsp = store_response(bytes(data[12:]), message_id)
-        return rsp if rsp is not None else self._push(data)
-
-    def _push(self, data: bytearray) -> C_STORE | None:
-        """Leave ``data`` for the DUL thread to read; None (no response read here)."""
-        self.pushback += data
+            whole = False
+        if whole:
+            self.dul._idle_timer.restart()  # as the DUL does for every PDU it reads
+            if length >= 6:
+                item, cx, control = PDV_HEADER.unpack_from(data, 6)
+                if item + 4 == length and cx == context_id and control == COMMAND | LAST:
+                    return data
+        self._push(data)
         return None
+
+    def _push(self, data: bytearray) -> None:
+        """Leave ``data`` for the DUL thread to read (no response read here)."""
+        self.pushback += data
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         pending = self.pending

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -54,10 +54,13 @@ UNCOMPRESSED_FALLBACK: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLitt
 
 @dataclass
 class _Refused:
-    """Instances of one retrieve that could not be converted: how many, and the first."""
+    """Instances of one retrieve that could not be converted: how many, and the first; and
+    the syntaxes the peer accepted per SOP class, looked up once per retrieve (the accepted
+    contexts do not change while the association is up)."""
 
     count: int = 0
     first: str = ""
+    accepted: dict[str, list[str]] = field(default_factory=dict)
 
 
 class RetrieveHandlers:
@@ -143,14 +146,15 @@ class RetrieveHandlers:
     def _deliverable(self, stored: StoredInstance, assoc: Any, refused: _Refused) -> Dataset:
         """``stored`` itself if ``assoc`` accepted its syntax, else a converted copy, else an
         ``UnreadableInstance`` (a counted failure)."""
-        ts = str(stored.file_meta.TransferSyntaxUID)
+        sop_class, sop_uid, ts = stored.p2pacs_ids
         if assoc is None:  # no association to look at: pynetdicom reports what it cannot send
             return stored
-        accepted = accepted_syntaxes(assoc, str(stored.SOPClassUID))
+        accepted = refused.accepted.get(sop_class)
+        if accepted is None:
+            accepted = refused.accepted[sop_class] = accepted_syntaxes(assoc, sop_class)
         plan = choose_target(ts, accepted, allow_lossy=self.config.lossy_transcoding)
         if plan is not None and plan.as_stored(ts):
             return stored
-        sop_class, sop_uid = str(stored.SOPClassUID), str(stored.SOPInstanceUID)
         if plan is None:
             why = f"the peer accepted {', '.join(accepted) or 'no syntax'} for its SOP class"
         else:
