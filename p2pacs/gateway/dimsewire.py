@@ -131,10 +131,10 @@ def store_request(
 ) -> bytes:
     """The command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1), as ``command_set``
     packs the same request from a ``C_STORE`` primitive, without building the primitive (whose
-    validating setters cost more than the packing). A Move Originator AE title is sent as
-    pynetdicom sends it (stripped of trailing spaces, then padded to even length)."""
-    aet = originator_aet.rstrip() if originator_aet is not None else None
-    values = (sop_class, 0x0001, message_id, priority, 0x0000, sop_uid, aet, originator_id)
+    validating setters cost more than the packing)."""
+    values = (
+        sop_class, 0x0001, message_id, priority, 0x0001, sop_uid, originator_aet, originator_id
+    )  # fmt: skip
     return _pack(_STORE_RQ, values)
 
 

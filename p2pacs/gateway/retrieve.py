@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -45,6 +46,7 @@ __all__ = ["RetrieveHandlers"]
 install()
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAX_CONTEXTS = 120  # presentation contexts proposed to a C-MOVE destination (128 at most)
 # proposed to a C-MOVE destination beside the stored syntaxes, one context per SOP class, so an
@@ -126,22 +128,26 @@ class RetrieveHandlers:
         sender: Callable[[], Any],
         refused: _Refused,
     ) -> Iterator[tuple[int, Any]]:
-        for rec in records:
-            if event.is_cancelled:
-                yield status.CANCEL, None
-                return
-            try:
-                v = rec.current
-                raw = self.archive.blob(v.hash)  # hash-checked; a corrupt blob is repaired
-                stored = StoredInstance(
-                    rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw
-                )
-            except P2PacsError as exc:
-                log.error("cannot send %s: %s", rec.sop_uid, exc)
-                # a failed sub-operation, counted and listed (a None would be skipped)
-                yield status.PENDING, UnreadableInstance(rec.sop_class_uid, rec.sop_uid)
-                continue
-            yield status.PENDING, self._deliverable(stored, sender(), refused)
+        with ThreadPoolExecutor(1, thread_name_prefix="retrieve-read") as reader:
+            for rec, loading in _read_ahead(reader, records, self._load):
+                if event.is_cancelled:
+                    yield status.CANCEL, None
+                    return
+                try:
+                    stored = loading.result()
+                except P2PacsError as exc:
+                    log.error("cannot send %s: %s", rec.sop_uid, exc)
+                    # a failed sub-operation, counted and listed (a None would be skipped)
+                    yield status.PENDING, UnreadableInstance(rec.sop_class_uid, rec.sop_uid)
+                    continue
+                yield status.PENDING, self._deliverable(stored, sender(), refused)
+
+    def _load(self, rec: InstanceRecord) -> StoredInstance:
+        """The stored bytes of ``rec``'s current version, hash-checked (a corrupt blob is
+        repaired first when the site can)."""
+        v = rec.current
+        raw = self.archive.blob(v.hash)
+        return StoredInstance(rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw)
 
     def _deliverable(self, stored: StoredInstance, assoc: Any, refused: _Refused) -> Dataset:
         """``stored`` itself if ``assoc`` accepted its syntax, else a converted copy, else an
@@ -231,6 +237,22 @@ class RetrieveHandlers:
         yield len(records)
         with _quiet_reader(event.assoc), sending(event.assoc):
             yield from self._datasets(records, event, lambda: sub.assoc)
+
+
+def _read_ahead(
+    reader: Executor, records: list[InstanceRecord], load: Callable[[InstanceRecord], _T]
+) -> Iterator[tuple[InstanceRecord, Future[_T]]]:
+    """Each record with its ``load`` under way in ``reader``, the next one's started before
+    this one is handed out: while an instance goes out and its C-STORE-RSP is awaited, the
+    next is read from LMDB and hash-checked (one instance ahead, so at most two are held)."""
+    if not records:
+        return
+    upcoming = reader.submit(load, records[0])
+    for i, rec in enumerate(records):
+        current = upcoming
+        if i + 1 < len(records):
+            upcoming = reader.submit(load, records[i + 1])
+        yield rec, current
 
 
 def move_contexts(stored: Iterable[tuple[str, str]]) -> list[PresentationContext]:
