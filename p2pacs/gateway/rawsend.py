@@ -16,12 +16,16 @@ sends it, in one ``sendmsg`` of PDU headers and views of the payload (PS3.8 9.3.
 per P-DATA-TF, at most the peer's maximum PDU length, command fragments first). For a
 ``StoredInstance`` the payload is the verified blob (``Archive.blob``) itself: the only copy
 left after the read is the kernel's. The command sets of C-STORE-RQ and C-GET/C-MOVE-RSP are
-packed directly (``command_set``, byte-identical to pynetdicom's pydicom encoding), and the
-C-STORE-RSP to a stored instance is read by the sending thread itself (``get_msg``): the DUL
-thread, which otherwise reads the socket and runs the state machine, waits on ``read_lock``
-meanwhile, and anything else read (a C-CANCEL, an A-ABORT, a fragmented response) is pushed
-back for it to handle as usual. The DUL thread writes only A-ASSOCIATE, A-RELEASE and A-ABORT
-PDUs, under the same write lock, so PDUs never interleave. Outside the Data Transfer state
+packed directly (``gateway.dimsewire``, byte-identical to pynetdicom's pydicom encoding), and
+the C-STORE-RSP to a stored instance is read by the sending thread itself: the DUL thread, which
+otherwise reads the socket and runs the state machine, waits on ``read_lock`` meanwhile, and
+anything else read (a C-CANCEL, an A-ABORT, a fragmented response) is pushed back for it to
+handle as usual. A stored instance's whole sub-operation (``_Writer.store``) skips pynetdicom's
+``send_c_store``, which pauses the association's reactor before each request and waits for it
+to pause (up to its 1 ms sleep: on a C-MOVE sub-association, up to 1 ms per instance); the
+reactor is paused only when the response has to go through pynetdicom's reader after all.
+The DUL thread writes only A-ASSOCIATE, A-RELEASE and A-ABORT PDUs, under the same write lock,
+so PDUs never interleave. Outside the Data Transfer state
 (Sta6), or when handlers other than pynetdicom's quiet standard ones watch DIMSE or PDU events,
 messages take pynetdicom's own path.
 """

@@ -5,7 +5,8 @@ accepted the transfer syntax it was stored in. Otherwise ``p2pacs.dicom.transcod
 syntax the destination accepted for its SOP class (uncompressed first, lossless always; lossy
 JPEG 2000 only with ``[dicom] lossy_transcoding`` and nothing else accepted) and converts a
 copy, which is sent the same way. The stored bytes never change; an instance that cannot be
-converted is a counted sub-operation failure, never a corrupt file.
+converted is a counted sub-operation failure, never a corrupt file. The next instance is read
+and hash-checked in a thread while the current one goes out (``_read_ahead``).
 """
 
 from __future__ import annotations

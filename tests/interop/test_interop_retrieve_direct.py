@@ -46,8 +46,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )  # fmt: skip
     expected = {}
     for f in files:
-        expected[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = (
-            dataset_bytes(f.read_bytes())
+        expected[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = dataset_bytes(
+            f.read_bytes()
         )
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     dest_port = free_tcp_port()
