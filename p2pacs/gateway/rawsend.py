@@ -379,31 +379,34 @@ class _Writer:
         frames = pdata_frames(context_id, [command], COMMAND, max_pdu)
         frames += pdata_frames(context_id, [ds.p2pacs_raw], 0, max_pdu)
         self.read_lock.acquire()
-        data = None
+        holding = True  # released on every way out, or the DUL thread would never read again
         try:
-            with self.lock:
-                sendall(sock, frames)
-        except OSError as exc:  # as pynetdicom's AssociationSocket.send: transport closed
-            log.warning("association closed while sending: %s", exc)
-            self.dul.event_queue.put("Evt17")
-        else:
-            data = self._read_command_pdu(context_id)
-        rsp = None
-        if data is not None:
-            status = plain_store_status(memoryview(data)[12:], msg_id)
-            if status is not None:
+            data = None
+            try:
+                with self.lock:
+                    sendall(sock, frames)
+            except OSError as exc:  # as pynetdicom's AssociationSocket.send: transport closed
+                log.warning("association closed while sending: %s", exc)
+                self.dul.event_queue.put("Evt17")
+            else:
+                data = self._read_command_pdu(context_id)
+            rsp = None
+            if data is not None:
+                status = plain_store_status(memoryview(data)[12:], msg_id)
+                if status is not None:
+                    return status_dataset(status)
+                rsp = store_response(bytes(data[12:]), msg_id)
+                if rsp is None:
+                    self._push(data)
+            if rsp is None:
+                holding = False
+                rsp = self._await_queued()
+                if rsp is None:
+                    self.assoc._handle_no_response()
+                    return Dataset()
+        finally:
+            if holding:
                 self.read_lock.release()
-                return status_dataset(status)
-            rsp = store_response(bytes(data[12:]), msg_id)
-            if rsp is None:
-                self._push(data)
-        if rsp is None:
-            rsp = self._await_queued()
-            if rsp is None:
-                self.assoc._handle_no_response()
-                return Dataset()
-        else:
-            self.read_lock.release()
         status_ds: Dataset = self.assoc._check_received_status(rsp)
         return status_ds
 
@@ -424,12 +427,15 @@ class _Writer:
         None: closed, timed out). Called holding ``read_lock``: the reactor is paused first,
         as pynetdicom's ``send_c_store`` pauses it, so it cannot take the response."""
         assoc = self.assoc
-        paused_here = not assoc._is_paused  # a C-GET's reactor is the sending thread itself
-        if paused_here:
-            assoc._reactor_checkpoint.clear()
-            while not assoc._is_paused:
-                time.sleep(PAUSE_POLL)
-        self.read_lock.release()
+        # a C-GET's sub-operations run in the association's own thread, its reactor
+        paused_here = threading.current_thread() is not assoc
+        try:
+            if paused_here:
+                assoc._reactor_checkpoint.clear()
+                while not assoc._is_paused:
+                    time.sleep(PAUSE_POLL)
+        finally:
+            self.read_lock.release()
         try:
             _, rsp = self._queued_get_msg(True)
         finally:

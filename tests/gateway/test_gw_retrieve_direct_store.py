@@ -186,3 +186,29 @@ def test_a_fragmented_response_goes_to_pynetdicoms_reader(files: list[Path]) -> 
     assert {u: d for u, (_, d) in dest.received.items()} == {
         str(pydicom.dcmread(f).SOPInstanceUID): dataset_bytes(f) for f in files[:3]
     }
+
+
+def test_read_ahead_keeps_one_instance_ahead_in_order() -> None:
+    """``retrieve._read_ahead``: each record comes with its own load, in order, and while one
+    is handed out only the next has been started (so at most two blobs are held)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from p2pacs.gateway.retrieve import _read_ahead
+
+    started: list[int] = []
+
+    def load(n: int) -> int:
+        started.append(n)
+        if n == 3:
+            raise ValueError("unreadable")  # stays with its own record
+        return n * 10
+
+    seen = []
+    with ThreadPoolExecutor(1) as reader:
+        for n, loading in _read_ahead(reader, list(range(6)), load):  # type: ignore[arg-type]
+            assert max(started) <= n + 1
+            try:
+                seen.append(loading.result(timeout=TIMEOUT))
+            except ValueError:
+                seen.append(-1)
+    assert seen == [0, 10, 20, -1, 40, 50] and started == list(range(6))
