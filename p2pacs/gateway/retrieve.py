@@ -47,6 +47,7 @@ __all__ = ["RetrieveHandlers"]
 install()
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 _T = TypeVar("_T")
 
 MAX_CONTEXTS = 120  # presentation contexts proposed to a C-MOVE destination (128 at most)
@@ -241,8 +242,8 @@ class RetrieveHandlers:
 
 
 def _read_ahead(
-    reader: Executor, records: list[InstanceRecord], load: Callable[[InstanceRecord], _T]
-) -> Iterator[tuple[InstanceRecord, Future[_T]]]:
+    reader: Executor, records: list[_R], load: Callable[[_R], _T]
+) -> Iterator[tuple[_R, Future[_T]]]:
     """Each record with its ``load`` under way in ``reader``, the next one's started before
     this one is handed out: while an instance goes out and its C-STORE-RSP is awaited, the
     next is read from LMDB and hash-checked (one instance ahead, so at most two are held)."""

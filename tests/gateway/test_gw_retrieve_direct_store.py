@@ -36,6 +36,13 @@ from gw_helpers import TIMEOUT, StorageSCP, contexts_of, dataset_bytes
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
+def _encoded(command_set: Dataset) -> bytes:
+    """A command set as pynetdicom encodes it (implicit VR little endian)."""
+    raw = encode(command_set, True, True)
+    assert raw is not None
+    return bytes(raw)
+
+
 def test_store_request_is_pynetdicoms() -> None:
     for aet, origin in ((None, None), ("MOVESCU", 3), ("ODD", 65535), ("PADDED  ", 1)):
         for sop_uid in ("1.2.3.45", "1.2.3.4"):  # odd and even lengths (UI pads with NUL)
@@ -46,7 +53,7 @@ def test_store_request_is_pynetdicoms() -> None:
                 rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = aet, origin
             msg = _RQ_TO_MESSAGE[C_STORE]()
             msg.primitive_to_message(rq)
-            expected = bytes(encode(msg.command_set, True, True))
+            expected = _encoded(msg.command_set)
             fast = command_set(rq)
             assert fast is not None and fast[0] == expected
             packed = store_request(
@@ -63,7 +70,7 @@ def _response(status: int, message_id: int = 9, **extra: Any) -> bytes:
         setattr(rsp, k, v)
     msg = _RSP_TO_MESSAGE[C_STORE]()
     msg.primitive_to_message(rsp)
-    return bytes(encode(msg.command_set, True, True))
+    return _encoded(msg.command_set)
 
 
 def test_plain_store_status() -> None:
@@ -205,7 +212,7 @@ def test_read_ahead_keeps_one_instance_ahead_in_order() -> None:
 
     seen = []
     with ThreadPoolExecutor(1) as reader:
-        for n, loading in _read_ahead(reader, list(range(6)), load):  # type: ignore[arg-type]
+        for n, loading in _read_ahead(reader, list(range(6)), load):
             assert max(started) <= n + 1
             try:
                 seen.append(loading.result(timeout=TIMEOUT))
