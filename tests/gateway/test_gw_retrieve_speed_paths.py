@@ -25,7 +25,7 @@ from pynetdicom.dsutils import encode
 from p2pacs.archive import Archive
 from p2pacs.dicom.scu import association_handlers
 from p2pacs.dicom.uids import STUDY_ROOT_GET, STUDY_ROOT_MOVE
-from p2pacs.gateway.rawsend import command_set, pdata_frames, store_response
+from p2pacs.gateway.dimsewire import command_set, pdata_frames, store_response
 from p2pacs.samples import generate_instances
 from p2pacs.store.blobs import _chunk_key, _digest
 
