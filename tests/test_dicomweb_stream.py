@@ -26,7 +26,8 @@ from p2pacs.dicomweb import dicomweb_app, stream
 from p2pacs.dicomweb.stream import BufferPool, VerifiedBlobs
 from p2pacs.errors import CorruptBlobError, StoreError
 from p2pacs.samples import generate_instances
-from p2pacs.store.blobs import _chunk_key, _digest, hashed_bytes
+from p2pacs.store import hashed_bytes
+from p2pacs.store.layout import chunk_key, digest_of
 
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 EXPLICIT = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1'
@@ -34,7 +35,7 @@ EXPLICIT = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840
 
 def _corrupt(archive: Archive, h: str, n: int = 0) -> None:
     """Flip one byte of chunk ``n`` of blob ``h``."""
-    key = _chunk_key(_digest(h), n)
+    key = chunk_key(digest_of(h), n)
     chunks = archive.blobs._chunks  # type: ignore[attr-defined]
     with archive.db.env.begin(write=True) as txn:
         bad = bytearray(txn.get(key, db=chunks))
