@@ -41,13 +41,10 @@ def entry(i: int, version: int = 0) -> CatalogueEntry:
 def publish(store: CatalogueStore, items: dict[int, int]) -> str:
     """This site publishes studies ``{i: version}`` the way the publisher does."""
     root = store.root(ME)
-    changes = []
-    for i, version in items.items():
-        new = entry(i, version)
-        changes.append((new.study_uid, cattree.lookup(store.nodes, root, new.study_uid), new))
-    update = cattree.apply(store.nodes, root, {uid: e for uid, _, e in changes})
-    manifests = {e.manifest_hash: manifest(i, v) for (i, v), (_, _, e) in
-                 zip(items.items(), changes, strict=True)}  # fmt: skip
+    update = cattree.apply(store.nodes, root, {entry(i, v).study_uid: entry(i, v)
+                                               for i, v in items.items()})  # fmt: skip
+    changes = [(c.study_uid, c.old, c.new) for c in update.changes]
+    manifests = {entry(i, v).manifest_hash: manifest(i, v) for i, v in items.items()}
     return store.commit_own(update, root, changes, manifests).root
 
 
