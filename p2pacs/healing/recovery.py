@@ -2,7 +2,10 @@
 
 Starting from its identity alone, the site finds its own last signed ``site/<id>`` record (on
 the DHT, or in the copy every member keeps past the record's TTL), fetches the catalogue it
-names (every member keeps a copy), and queues every study it no longer holds. Until it has found
+names (every member keeps a copy), and queues every study it no longer holds. Fetching starts
+then: the members' trees (who holds each study) are copied meanwhile, those placement puts
+beside the first studies first, and each study waits only for the copies that name a holder
+of it (or for all of them to have been tried once). Until it has found
 that record it publishes no catalogue (``p2pacs.federation.continuity``): the absence of a record
 is never taken to mean the site is new. The queue lives in the site database, so a recovery
 killed half-way resumes where it stopped: blobs already stored are not fetched again. Studies
@@ -31,6 +34,7 @@ from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.publisher import CatalogueNotCopiedError
+from p2pacs.healing.placement import likely_holders_first
 from p2pacs.looplag import bulk
 
 __all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
@@ -44,6 +48,8 @@ PLAN_FIRST_RETRY = 0.2  # seconds before the second look: at start the DHT is st
 STUDIES_AT_ONCE = 3  # studies fetched concurrently while draining the queue
 RETRY_FIRST = 1.0  # seconds before a failed study is tried again; doubles per failure
 RETRY_MAX = 60.0  # seconds: the longest wait between two tries of a failed study
+HOLDERS_FIRST = 64  # queued studies (newest first) whose likely holders' trees are copied first
+TREES_AT_ONCE = 4  # members' trees copied together after a wipe: the first ones land sooner
 
 
 def retry_delay(failures: int) -> float:
@@ -113,6 +119,12 @@ class Recovery:
         self._bytes_finished = 0
         self.queue.update(self._pending.load())  # small: the studies not back yet
         self._count_queue()
+        # after a wipe: set once every member's tree has been tried (who holds what is known
+        # as far as it can be); until then a study waits for a copy naming one of its holders
+        self.holders_known = asyncio.Event()
+        self.holders_known.set()
+        self._copied = asyncio.Event()  # replaced by a fresh one at each member tree copied
+        node.copier.on_committed.append(self._on_tree_copied)
 
     def _count_queue(self) -> None:
         queue = self.queue.values()
@@ -145,10 +157,9 @@ class Recovery:
             if record.catalogue_hash:
                 await self._catalogue(record.catalogue_hash)
                 queued = await self._enqueue_missing(record.catalogue_hash)
-                # who holds each study comes from the members' trees: copy them before fetching
-                failed = await node.copy_member_catalogues()
-                if failed:
-                    log.warning("%d members' catalogues not copied yet; retried", failed)
+                # who holds each study comes from the members' trees: ``run`` copies them while
+                # the queue drains (``_copy_member_trees``)
+                self.holders_known.clear()
             detail = f"seq {newest.seq}, catalogue {record.catalogue_hash[:16] or 'empty'}"
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
@@ -241,6 +252,40 @@ class Recovery:
         gc.freeze()  # the queue lives for the recovery: keep full collections off it (publisher)
         return len(todo)
 
+    async def _copy_member_trees(self) -> None:
+        """Copy every live member's tree once, the likely holders of the first studies first,
+        then let every study go (one not listed by then is looked for by ``fetch_study``'s own
+        fresh round, and the node keeps copying trees as members publish). Never raises."""
+        node = self.node
+        try:
+            first = [e.study_uid for e in newest_first(self.queue.values())[:HOLDERS_FIRST]]
+            order = likely_holders_first(
+                first, node.live_site_ids(), node.site_id, node.config.replication
+            )
+            failed = await node.copy_member_catalogues(first=order, at_once=TREES_AT_ONCE)
+            if failed:
+                log.warning("%d members' catalogues not copied yet; retried", failed)
+        except Exception:
+            log.exception("copying the members' catalogues failed; fetches look for holders")
+        finally:
+            self.holders_known.set()
+            self._on_tree_copied(None)
+
+    def _on_tree_copied(self, _committed: object) -> None:
+        copied, self._copied = self._copied, asyncio.Event()
+        copied.set()
+
+    async def _holder_known(self, study_uid: str) -> None:
+        """Wait until a member's tree copied here lists ``study_uid`` (or every tree has been
+        tried): a fetch before that would find no holder and wait for every copy instead."""
+        node = self.node
+        while not self.holders_known.is_set():
+            copied = self._copied  # taken before the read: a copy landing after it wakes us
+            found = await asyncio.to_thread(node.catalogues.holders, [study_uid])
+            if set(found.get(study_uid, {})) - {node.site_id}:
+                return
+            await copied.wait()
+
     def _complete(self, entry: CatalogueEntry, held: CatalogueEntry | None) -> bool:
         """Whether this site holds every version ``entry``'s manifest lists (any thread)."""
         if held is not None and held.manifest_hash == entry.manifest_hash:
@@ -319,6 +364,7 @@ class Recovery:
             "retrying": len(self.failing),
             "given_up": self.given_up(),
             "awaiting_record": self.awaiting,
+            "member_trees_copied": self.holders_known.is_set(),
             "baseline": self.baseline.evidence.value if self.baseline else None,
             "error": self.error,
             "full": self.full,
@@ -332,7 +378,15 @@ class Recovery:
 
     async def run(self) -> None:
         """Plan (retrying until the federation answers), then drain the queue whenever it has
-        work, retrying failed studies with backoff. A node task: a failure never ends it."""
+        work, retrying failed studies with backoff, while the members' trees are copied after
+        a wipe. A node task: a failure never ends it."""
+        async with asyncio.TaskGroup() as tg:
+            await self._plan_until_done()
+            if not self.holders_known.is_set():
+                tg.create_task(self._copy_member_trees(), name="recovery-member-trees")
+            await self._drain_forever()
+
+    async def _plan_until_done(self) -> None:
         backoff = PLAN_FIRST_RETRY
         while not self.planned.is_set():
             try:
@@ -349,6 +403,8 @@ class Recovery:
                 log.error("recovery cannot start yet: %s; retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, PLAN_BACKOFF)
+
+    async def _drain_forever(self) -> None:
         while True:
             due = self._due()
             if due:
@@ -448,6 +504,7 @@ class Recovery:
         uid = entry.study_uid
         try:
             await failpoints.async_hit("recovery.study", RecoveryError)
+            await self._holder_known(uid)
             result = await self.node.fetch_study(
                 uid, extra_manifests=(entry.manifest_hash,), progress=progress
             )
