@@ -231,6 +231,10 @@ def _thread_cpu() -> dict[str, float]:
         fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1]
         utime, stime = (int(v) / _TICK for v in fields.split()[11:13])
         out[f"{label}_user"], out[f"{label}_sys"] = utime, stime
+    # bytes this process caused to be written to disk (LMDB's dirty pages at each commit),
+    # scaled so that the per-instance figure below reads as bytes, not microseconds
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    out["disk_write_bytes"] = int(io["write_bytes"]) / 1e6
     return out
 
 
@@ -434,7 +438,8 @@ def main() -> None:
                         "load_avg_1m": round(os.getloadavg()[0], 2),
                     }
                     # the same, per thread and user/system (the writer's system time is
-                    # LMDB's page writes and fsyncs): microseconds per instance
+                    # LMDB's page writes and fsyncs): microseconds per instance; and
+                    # disk_write_bytes: bytes written to disk per instance
                     was, now_t = threads.get(back[0], {}), _thread_cpu()
                     row["ingest_marginal_thread_cpu_us_per_inst"] = {
                         k: round((v - was.get(k, 0.0)) / (size - back[0]) * 1e6, 1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -55,6 +56,11 @@ TREES_AT_ONCE = 4  # members' trees copied together after a wipe: the first ones
 def retry_delay(failures: int) -> float:
     """Seconds to wait after the ``failures``-th failure in a row of one study."""
     return min(RETRY_FIRST * 2.0 ** min(max(failures - 1, 0), 16), RETRY_MAX)
+
+
+def _age(entry: CatalogueEntry) -> tuple[str, float]:
+    """The recovery order's key (``newest_first``: largest first)."""
+    return entry.study_date, entry.updated
 
 
 def _log_failure(write: Future[Any]) -> None:
@@ -164,11 +170,13 @@ class Recovery:
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
         self._count_queue()
-        dates = [e.study_date for e in self.queue.values() if e.study_date]
-        self.progress.recent_day = max(dates, default="")
-        self._recent_left = {
-            uid for uid, e in self.queue.items() if e.study_date == self.progress.recent_day
-        }
+        snapshot = list(self.queue.values())  # looked at off the loop
+
+        def newest_day() -> tuple[str, set[str]]:
+            day = max((e.study_date for e in snapshot if e.study_date), default="")
+            return day, {e.study_uid for e in snapshot if e.study_date == day}
+
+        self.progress.recent_day, self._recent_left = await asyncio.to_thread(newest_day)
         self.planned.set()
         node.publisher.site_ready.set()
         node.publisher.mark([])  # publish site/<id> now that the catalogue keeps what is queued
@@ -247,8 +255,7 @@ class Recovery:
             return todo
 
         todo = await asyncio.to_thread(plan_and_write)
-        for e in todo:
-            self.queue[e.study_uid] = e
+        self.queue.update(await asyncio.to_thread(lambda: {e.study_uid: e for e in todo}))
         gc.freeze()  # the queue lives for the recovery: keep full collections off it (publisher)
         return len(todo)
 
@@ -258,7 +265,9 @@ class Recovery:
         fresh round, and the node keeps copying trees as members publish). Never raises."""
         node = self.node
         try:
-            first = [e.study_uid for e in newest_first(self.queue.values())[:HOLDERS_FIRST]]
+            queued = list(self.queue.values())  # a snapshot: sorted off the loop
+            newest = await asyncio.to_thread(heapq.nlargest, HOLDERS_FIRST, queued, _age)
+            first = [e.study_uid for e in newest]
             order = likely_holders_first(
                 first, node.live_site_ids(), node.site_id, node.config.replication
             )
@@ -406,7 +415,7 @@ class Recovery:
 
     async def _drain_forever(self) -> None:
         while True:
-            due = self._due()
+            due = await self._due()
             if due:
                 self.idle.clear()
                 try:
@@ -436,15 +445,22 @@ class Recovery:
         self._notify()
         return self.full
 
-    def _due(self) -> list[CatalogueEntry]:
+    async def _due(self) -> list[CatalogueEntry]:
+        """The queued studies due now, newest first: chosen and sorted off the event loop
+        (the queue of a wiped site lists every study it held) from a snapshot of it."""
         now = time.time()
         if now < self._paused_until:
             return []
-        return [
-            e
-            for e in self.queue.values()
-            if e.study_uid not in self.failing or self.failing[e.study_uid].next_try <= now
-        ]
+        queued, failing = list(self.queue.values()), dict(self.failing)
+
+        def due() -> list[CatalogueEntry]:
+            return newest_first(
+                e
+                for e in queued
+                if e.study_uid not in failing or failing[e.study_uid].next_try <= now
+            )
+
+        return await asyncio.to_thread(due)
 
     def _until_next_try(self) -> float | None:
         times = [f.next_try for f in self.failing.values()]
@@ -455,11 +471,14 @@ class Recovery:
         return max(0.05, min(times) - time.time())
 
     async def drain(self, entries: list[CatalogueEntry] | None = None) -> RecoveryProgress:
-        """Fetch queued studies (all by default), newest first, ``STUDIES_AT_ONCE`` at a time:
-        one study's lookups and manifests overlap another's blobs, so the transfer never idles
-        between studies."""
+        """Fetch queued studies (all by default; ``entries`` already newest first), newest
+        first, ``STUDIES_AT_ONCE`` at a time: one study's lookups and manifests overlap
+        another's blobs, so the transfer never idles between studies. The order is computed
+        off the loop, and ``STUDIES_AT_ONCE`` workers take the next study in turn: no task
+        per queued study (a wiped site's queue lists every study it held)."""
         pending = self.queue
-        queue = newest_first(pending.values() if entries is None else entries)
+        if entries is None:
+            entries = await asyncio.to_thread(newest_first, list(pending.values()))
         p = self.progress
         partial: dict[str, int] = {}  # bytes so far of the studies being fetched
 
@@ -474,18 +493,20 @@ class Recovery:
 
             return progress
 
-        slots = asyncio.Semaphore(STUDIES_AT_ONCE)  # FIFO: studies start newest first
         done_before = p.studies_done
+        order = iter(entries)  # shared by the workers: each takes the next newest study
 
-        async def one(entry: CatalogueEntry) -> None:
-            async with slots:
+        async def worker() -> None:
+            for entry in order:
                 if entry.study_uid in pending:  # else fetched on demand meanwhile
                     p.current = entry.study_uid
                     await self._fetch(entry, on_bytes(entry.study_uid))
                 partial.pop(entry.study_uid, None)
                 update()
 
-        await asyncio.gather(*(one(entry) for entry in queue))
+        async with asyncio.TaskGroup() as workers:  # one failing stops the others
+            for _ in range(STUDIES_AT_ONCE):
+                workers.create_task(worker())
         p.current = ""
         if not pending and not p.finished:
             p.finished = time.time()
