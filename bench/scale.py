@@ -238,6 +238,12 @@ def _thread_cpu() -> dict[str, float]:
     return out
 
 
+def _commits(arc: Archive) -> tuple[int, int]:
+    """LMDB transactions committed and write jobs in them: instances per group commit."""
+    stat = arc.db.stat()
+    return stat["commits"], stat["jobs_committed"]
+
+
 def _memory() -> dict[str, float]:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -408,6 +414,7 @@ def main() -> None:
                 started = time.perf_counter()
                 marks: list[tuple[int, float, float]] = [(0, started, time.process_time())]
                 threads: dict[int, dict[str, float]] = {0: _thread_cpu()}
+                commits: dict[int, tuple[int, int]] = {0: _commits(arc)}
                 for size in sizes:
                     while done < size:
                         data, _ = next(stream)
@@ -420,6 +427,7 @@ def main() -> None:
                         if done % args.window == 0 or done == size:
                             marks.append((done, time.perf_counter(), time.process_time()))
                             threads[done] = _thread_cpu()
+                            commits[done] = _commits(arc)
                     for f in pending:
                         f.result(600)
                     pending.clear()
@@ -445,6 +453,8 @@ def main() -> None:
                         k: round((v - was.get(k, 0.0)) / (size - back[0]) * 1e6, 1)
                         for k, v in now_t.items()
                     }
+                    (c0, j0), (c1, j1) = commits.get(back[0], (0, 0)), _commits(arc)
+                    row["ingest_marginal_jobs_per_commit"] = round((j1 - j0) / max(c1 - c0, 1), 2)
                     mem_before = _memory()
                     row["index_api"] = bench_index(arc, makers, args.queries)
                     t = time.perf_counter()
