@@ -26,7 +26,7 @@ For each S and N it measures:
 - ``dht``: records and bytes each DHT node stores;
 - peak RSS and the worst event-loop lag while the member-down and wiped steps run off the loop,
   with what explains it: the longest garbage collection meanwhile, what the worker threads
-  were running while the loop was late (sampled by a watchdog thread), and the worst lateness
+  were running while the loop was late (``--stacks``), and the worst lateness
   of an idle ticking process beside this one over the same steps (the machine's own
   scheduling delay: the 2 cores here are shared with other work).
 Last line: JSON with every point and the targets.
@@ -146,6 +146,9 @@ class LagProbe:
     ticking beside this one (what the machine's scheduler alone costs: the 2 cores here are
     shared with other work)."""
 
+    stacks = False  # ``--stacks``: faulthandler reads other threads' frames without the GIL,
+    # which can crash the process (it did once here, at S = 10, N = 1 M): off by default
+
     def __init__(self, work: Path, period: float = 0.01):
         self.period = period
         self.worst = 0.0
@@ -166,7 +169,8 @@ class LagProbe:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            faulthandler.dump_traceback_later(LATE, file=self._dump_file)
+            if self.stacks:
+                faulthandler.dump_traceback_later(LATE, file=self._dump_file)
             due = loop.time() + self.period  # time.monotonic: one clock for both processes
             await asyncio.sleep(self.period)
             ran = loop.time()
@@ -194,7 +198,8 @@ class LagProbe:
     def __exit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
-        faulthandler.cancel_dump_traceback_later()
+        if self.stacks:
+            faulthandler.cancel_dump_traceback_later()
         gc.callbacks.remove(self._on_gc)
         self._dump_file.close()
         self._count_dumps(self._dumps.read_text())
@@ -496,7 +501,13 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--changes", type=int, default=200, help="new studies measured per point")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
-    report = asyncio.run(run(ap.parse_args()))
+    ap.add_argument(
+        "--stacks", action="store_true",
+        help="dump every thread's stack when the loop is late (faulthandler; can crash)",
+    )  # fmt: skip
+    args = ap.parse_args()
+    LagProbe.stacks = args.stacks
+    report = asyncio.run(run(args))
     print(json.dumps(report))
 
 
