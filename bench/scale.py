@@ -33,6 +33,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -214,6 +215,35 @@ def _ms(values: list[float]) -> dict[str, float]:
     }
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user, system) of the ingest thread (parsing, hashing: this one) and of
+    the LMDB writer thread (puts and commits), from /proc: what grows with the archive shows
+    in one or the other."""
+    out: dict[str, float] = {}
+    writer = next((t for t in threading.enumerate() if t.name.startswith("lmdb-writer")), None)
+    me = threading.current_thread()
+    for label, thread in (("ingest", me), ("writer", writer)):
+        if thread is None or thread.native_id is None:
+            continue
+        fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1]
+        utime, stime = (int(v) / _TICK for v in fields.split()[11:13])
+        out[f"{label}_user"], out[f"{label}_sys"] = utime, stime
+    # bytes this process caused to be written to disk (LMDB's dirty pages at each commit),
+    # scaled so that the per-instance figure below reads as bytes, not microseconds
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    out["disk_write_bytes"] = int(io["write_bytes"]) / 1e6
+    return out
+
+
+def _commits(arc: Archive) -> tuple[int, int]:
+    """LMDB transactions committed and write jobs in them: instances per group commit."""
+    stat = arc.db.stat()
+    return stat["commits"], stat["jobs_committed"]
+
+
 def _memory() -> dict[str, float]:
     out = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -383,6 +413,8 @@ def main() -> None:
                 done = 0
                 started = time.perf_counter()
                 marks: list[tuple[int, float, float]] = [(0, started, time.process_time())]
+                threads: dict[int, dict[str, float]] = {0: _thread_cpu()}
+                commits: dict[int, tuple[int, int]] = {0: _commits(arc)}
                 for size in sizes:
                     while done < size:
                         data, _ = next(stream)
@@ -394,6 +426,8 @@ def main() -> None:
                             del pending[: IN_FLIGHT // 2]
                         if done % args.window == 0 or done == size:
                             marks.append((done, time.perf_counter(), time.process_time()))
+                            threads[done] = _thread_cpu()
+                            commits[done] = _commits(arc)
                     for f in pending:
                         f.result(600)
                     pending.clear()
@@ -411,6 +445,16 @@ def main() -> None:
                         ),
                         "load_avg_1m": round(os.getloadavg()[0], 2),
                     }
+                    # the same, per thread and user/system (the writer's system time is
+                    # LMDB's page writes and fsyncs): microseconds per instance; and
+                    # disk_write_bytes: bytes written to disk per instance
+                    was, now_t = threads.get(back[0], {}), _thread_cpu()
+                    row["ingest_marginal_thread_cpu_us_per_inst"] = {
+                        k: round((v - was.get(k, 0.0)) / (size - back[0]) * 1e6, 1)
+                        for k, v in now_t.items()
+                    }
+                    (c0, j0), (c1, j1) = commits.get(back[0], (0, 0)), _commits(arc)
+                    row["ingest_marginal_jobs_per_commit"] = round((j1 - j0) / max(c1 - c0, 1), 2)
                     mem_before = _memory()
                     row["index_api"] = bench_index(arc, makers, args.queries)
                     t = time.perf_counter()

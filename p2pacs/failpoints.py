@@ -8,7 +8,8 @@ empty dict. The variable is read once, at import; ``arm`` changes it in-process 
 
 Points: ``store.commit`` (LMDB writer, before the commit), ``transfer.send`` (a blob or batch
 served to a peer), ``transfer.receive`` (a blob or batch fetched from a peer), ``dht.put``,
-``catalogue.publish`` (before the catalogue's copies and ``site/<id>``), ``repair.pull`` (one
+``catalogue.publish`` (before the catalogue's copies and ``site/<id>``), ``catalogue.copy``
+(before copying a member's new catalogue tree), ``repair.pull`` (one
 anti-entropy pull), ``recovery.study`` (one study of the recovery queue).
 """
 
@@ -33,6 +34,7 @@ POINTS = frozenset(
         "transfer.receive",
         "dht.put",
         "catalogue.publish",
+        "catalogue.copy",
         "repair.pull",
         "recovery.study",
     }

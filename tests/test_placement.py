@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from p2pacs.healing.placement import placement, rank, repairer
+from p2pacs.healing.placement import likely_holders_first, placement, rank, repairer
 
 SITES = [bytes([i]) * 20 for i in range(1, 6)]
 STUDIES = [f"1.2.826.0.1.{i}" for i in range(3000)]
@@ -78,3 +78,22 @@ def test_a_partial_copy_is_completed_and_does_not_count_towards_r() -> None:
     plan_a = plan_repairs(complete, {a, b, c}, a, 2, partial)
     assert plan_a.pull == []
     assert plan_a.notify  # a, the only complete holder, asks the best-ranked other site
+
+
+def test_likely_holders_first_orders_members_by_the_first_studies() -> None:
+    """A wiped site copies first the trees of the members placement puts beside it for the
+    studies it fetches first; every other member follows, none twice, never itself."""
+    me, members = SITES[0], SITES[1:]
+    first = STUDIES[:3]
+    order = likely_holders_first(first, [*members, me], me, 2)
+    assert sorted(order) == sorted(members) and me not in order
+    expected: list[bytes] = []
+    for uid in first:
+        for site in placement(uid, SITES, 2):
+            if site != me and site not in expected:
+                expected.append(site)
+    assert order[: len(expected)] == expected
+    rest = [m for m in members if m not in expected]
+    assert order[len(expected) :] == rest  # in the order given
+    assert likely_holders_first([], members, me, 2) == list(members)
+    assert likely_holders_first(first, [], me, 2) == []

@@ -64,6 +64,10 @@ class _NewRoot:
     removed: list[str]  # nodes no longer named
     changes: list[EntryChange]
 
+    def drop(self) -> None:
+        """Let go of the lists (the writer thread may keep the job that names this a while)."""
+        self.added, self.removed, self.changes = [], [], []
+
 
 class _BlobNodes:
     """A ``cattree.NodeSource`` over the blob store (the tree verifies each node's hash)."""
@@ -159,7 +163,13 @@ class CatalogueStore:
             d = cattree.diff(self.nodes, old, new_root)
             step = _NewRoot(site_id, old, new_root, list(d.added), list(d.removed),
                             [(c.study_uid, c.old, c.new) for c in d.changes])  # fmt: skip
-            return self.db.write(lambda txn: self._commit(txn, step))
+            del d
+            try:
+                return self.db.write(lambda txn: self._commit(txn, step))
+            finally:
+                # freed now, with the collector still off: whatever outlives ``bulk`` is walked
+                # by the first collection after it (measured: 160 ms for a 200,000-entry copy)
+                step.drop()
 
     def commit_own(
         self,

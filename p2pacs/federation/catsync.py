@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from p2pacs import failpoints
 from p2pacs.errors import TransferError
 from p2pacs.federation import cattree
 from p2pacs.federation.catstore import CatalogueStore, Committed
@@ -51,6 +52,7 @@ class CatalogueCopier:
                 return Committed(site_id, root)
             fetched: list[str] = []
             try:
+                await failpoints.async_hit("catalogue.copy", TransferError)
                 await self._fetch_missing(root, peers, fetched)
                 committed = await asyncio.to_thread(self.store.advance, site_id, root)
             except BaseException:

@@ -154,6 +154,9 @@ class TreeUpdate:
     new: dict[str, bytes] = field(default_factory=dict)  # nodes to store (children first)
     added: set[str] = field(default_factory=set)  # nodes in the new tree, not in the old
     dropped: set[str] = field(default_factory=set)  # nodes in the old tree, not in the new
+    # the entries that differ, with what they were (``apply``: read on the same pass that
+    # rewrites their leaves, so a caller needs no lookup first); unchanged ones are left out
+    changes: list[TreeChange] = field(default_factory=list)
 
 
 class _Writer:
@@ -161,12 +164,14 @@ class _Writer:
         self.source = source
         self.new: dict[str, bytes] = {}
         self.old: set[str] = set()  # nodes of the old tree that were read (and so replaced)
+        self.changes: list[TreeChange] = []  # entries that differ from the old tree's
+        self.first: dict[str, Node] = {}  # the root, decoded once by ``apply``
 
     def read(self, h: str) -> Node:
         if h in self.new:
             return decode_node(self.new[h])
         self.old.add(h)
-        return _read(self.source, h)
+        return self.first.pop(h, None) or _read(self.source, h)
 
     def store(self, node: Node) -> Child:
         data = encode_node(node)
@@ -200,16 +205,28 @@ class _Writer:
         node = self.read(child.hash) if child.hash != EMPTY else Leaf(())
         if isinstance(node, Leaf):
             merged = {study_key(e.study_uid): e for e in node.entries}
-            for key, _uid, entry in changes:
+            differ = False
+            for key, uid, entry in changes:
+                before = merged.get(key)
+                if before == entry:
+                    continue  # already so: not a change, and the leaf stays as it is
+                differ = True
+                self.changes.append(TreeChange(uid, before, entry))
                 if entry is None:
-                    merged.pop(key, None)
+                    del merged[key]
                 else:
                     merged[key] = entry
+            if not differ:
+                self.old.discard(child.hash)  # read, but kept: not replaced
+                return child
             return self.build(sorted(merged.items(), key=lambda kv: kv[0]), depth)
         parts: list[list[Change]] = [[] for _ in range(FANOUT)]
         for change in changes:
             parts[_digit(change[0], depth)].append(change)
         kids = tuple(self.apply(c, depth + 1, p) for c, p in zip(node.children, parts, strict=True))
+        if kids == node.children:  # nothing below changed
+            self.old.discard(child.hash)
+            return child
         if sum(c.count for c in kids) <= LEAF_MAX:  # shrunk: fold back into one leaf
             below = [e for c in kids for e in self.collect(c.hash)]
             return self.build(sorted((study_key(e.study_uid), e) for e in below), depth)
@@ -230,8 +247,9 @@ class _Writer:
                 stack.extend(c.hash for c in node.children)
         new = {h: data for h, data in self.new.items() if h in reach}
         return TreeUpdate(
-            root.hash, root.size, root.count, new, set(new) - self.old, self.old - set(new)
-        )
+            root.hash, root.size, root.count, new, set(new) - self.old, self.old - set(new),
+            self.changes,
+        )  # fmt: skip
 
 
 Change = tuple[bytes, str, CatalogueEntry | None]  # (study key, study UID, entry or removal)
@@ -251,13 +269,16 @@ def apply(
 ) -> TreeUpdate:
     """The tree ``root`` with ``changes`` (study UID -> new entry, or None to remove) applied.
 
-    Reads only the nodes on the changed paths. The caller stores ``new`` before naming the
-    new root anywhere, and may collect ``dropped`` once nothing else refers to it."""
+    Reads only the nodes on the changed paths, once: the entries that were there come back in
+    ``changes`` (those already as asked are left out, and their paths are not rewritten). The
+    caller stores ``new`` before naming the new root anywhere, and may collect ``dropped`` once
+    nothing else refers to it."""
     writer = _Writer(source)
     start = Child(EMPTY, 0, 0)
     if root != EMPTY:
         data = source.node(root)
-        start = Child(root, len(data), decode_node(data, root).count)
+        writer.first[root] = node = decode_node(data, root)
+        start = Child(root, len(data), node.count)
     keyed = sorted((study_key(uid), uid, e) for uid, e in changes.items())
     return writer.result(writer.apply(start, 0, keyed))
 

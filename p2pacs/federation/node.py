@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -877,20 +877,28 @@ class FederationNode:
             self._copy_wake.clear()
             await self.copy_member_catalogues()
 
-    async def copy_member_catalogues(self) -> int:
+    async def copy_member_catalogues(
+        self, *, first: Sequence[bytes] = (), at_once: int | None = None
+    ) -> int:
         """Copy the latest tree of every live member not held yet; returns how many failed
-        (a wiped site needs them all to know who holds its studies)."""
+        (a wiped site needs them all to know who holds its studies). ``first``: members to
+        start with (in that order); ``at_once``: copies running together (default: all), so
+        the first ones are not slowed by the rest."""
         held = await asyncio.to_thread(self.catalogues.roots)
         stale = [
             m
             for m in self.live_members()
             if m.record.catalogue_hash != held.get(m.site_id, cattree.EMPTY)
         ]
+        rank = {site: i for i, site in enumerate(first)}
+        stale.sort(key=lambda m: rank.get(m.site_id, len(rank)))  # stable: the rest as listed
+        slots = asyncio.Semaphore(at_once or max(1, len(stale)))  # FIFO: in that order
 
         async def one(m: Member) -> bool:
             peers = [self.peer_of(m), *self.live_peers()]
             try:
-                await self.copy_catalogue(m.site_id, m.record.catalogue_hash, peers)
+                async with slots:
+                    await self.copy_catalogue(m.site_id, m.record.catalogue_hash, peers)
                 return True
             except (P2PacsError, OSError) as exc:
                 log.info("could not copy the catalogue of %s: %s", m.name, exc)

@@ -195,18 +195,17 @@ class Publisher:
         """Bring the tree's entries of ``studies`` in line (recovering ones keep the queue's
         entry); one write with ``manifests``. Call holding ``_tree``."""
         wanted = {uid: self.queued(uid) or self.entries.get(uid) for uid in studies}
+        # a study is never dropped here: only entries to set
+        setting = {uid: e for uid, e in wanted.items() if e is not None}
 
         def work() -> Committed | None:
             store = self.store
             root = store.root(store.own)
-            changes: list[EntryChange] = []
-            for uid, entry in wanted.items():
-                before = cattree.lookup(store.nodes, root, uid)
-                if before != entry and entry is not None:  # a study is never dropped here
-                    changes.append((uid, before, entry))
+            # one pass down the changed paths: what each entry was comes back with the update
+            update = cattree.apply(store.nodes, root, setting)
+            changes: list[EntryChange] = [(c.study_uid, c.old, c.new) for c in update.changes]
             if not changes and not manifests:
                 return None
-            update = cattree.apply(store.nodes, root, {uid: e for uid, _, e in changes})
             return store.commit_own(update, root, changes, manifests)
 
         committed = await asyncio.to_thread(work)
@@ -229,14 +228,10 @@ class Publisher:
             def work() -> tuple[Committed, T] | None:
                 store = self.store
                 root = store.root(store.own)
-                changes: list[EntryChange] = []
-                for uid in study_uids:
-                    before = cattree.lookup(store.nodes, root, uid)
-                    if before is not None:
-                        changes.append((uid, before, None))
+                update = cattree.apply(store.nodes, root, dict.fromkeys(study_uids))
+                changes: list[EntryChange] = [(c.study_uid, c.old, c.new) for c in update.changes]
                 if not changes:
                     return None
-                update = cattree.apply(store.nodes, root, {uid: None for uid, _, _ in changes})
                 out: list[T] = []
 
                 def also(txn: lmdb.Transaction) -> None:

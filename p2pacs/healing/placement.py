@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 import blake3
 
-__all__ = ["RepairPlan", "placement", "plan_repairs", "plan_trims", "rank", "repairer", "trimmer"]
+__all__ = [
+    "RepairPlan",
+    "likely_holders_first",
+    "placement",
+    "plan_repairs",
+    "plan_trims",
+    "rank",
+    "repairer",
+    "trimmer",
+]
 
 
 def _score(study_uid: str, site_id: bytes) -> bytes:
@@ -27,6 +36,24 @@ def rank(study_uid: str, sites: Iterable[bytes]) -> list[bytes]:
 def placement(study_uid: str, live: Iterable[bytes], replication: int) -> list[bytes]:
     """The ``replication`` live sites that should hold ``study_uid``."""
     return rank(study_uid, live)[: max(replication, 0)]
+
+
+def likely_holders_first(
+    study_uids: Iterable[str], members: Iterable[bytes], me: bytes, replication: int
+) -> list[bytes]:
+    """``members`` ordered so that the ones placement puts beside ``me`` for the first studies
+    come first (in the order those studies need them), the rest after in their given order.
+
+    A wiped site copies its members' trees in this order to learn who holds the studies it
+    fetches first: placement is only a guess at where a study is (membership changes move
+    studies), so every member is still copied; the guess only decides who goes first."""
+    others = list(dict.fromkeys(m for m in members if m != me))
+    out: dict[bytes, None] = {}
+    for uid in study_uids:
+        for site in rank(uid, [*others, me])[: max(replication, 1)]:
+            if site != me:
+                out.setdefault(site)
+    return [*out, *(m for m in others if m not in out)]
 
 
 def repairer(study_uid: str, live_holders: Iterable[bytes]) -> bytes | None:

@@ -2,7 +2,10 @@
 
 Starting from its identity alone, the site finds its own last signed ``site/<id>`` record (on
 the DHT, or in the copy every member keeps past the record's TTL), fetches the catalogue it
-names (every member keeps a copy), and queues every study it no longer holds. Until it has found
+names (every member keeps a copy), and queues every study it no longer holds. Fetching starts
+then: the members' trees (who holds each study) are copied meanwhile, those placement puts
+beside the first studies first, and each study waits only for the copies that name a holder
+of it (or for all of them to have been tried once). Until it has found
 that record it publishes no catalogue (``p2pacs.federation.continuity``): the absence of a record
 is never taken to mean the site is new. The queue lives in the site database, so a recovery
 killed half-way resumes where it stopped: blobs already stored are not fetched again. Studies
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import heapq
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +35,7 @@ from p2pacs.federation.continuity import Baseline, Evidence, mark_baseline, read
 from p2pacs.federation.entry_table import EntryTable
 from p2pacs.federation.node import FederationNode
 from p2pacs.federation.publisher import CatalogueNotCopiedError
+from p2pacs.healing.placement import likely_holders_first
 from p2pacs.looplag import bulk
 
 __all__ = ["Recovery", "RecoveryProgress", "retry_delay"]
@@ -44,11 +49,18 @@ PLAN_FIRST_RETRY = 0.2  # seconds before the second look: at start the DHT is st
 STUDIES_AT_ONCE = 3  # studies fetched concurrently while draining the queue
 RETRY_FIRST = 1.0  # seconds before a failed study is tried again; doubles per failure
 RETRY_MAX = 60.0  # seconds: the longest wait between two tries of a failed study
+HOLDERS_FIRST = 64  # queued studies (newest first) whose likely holders' trees are copied first
+TREES_AT_ONCE = 4  # members' trees copied together after a wipe: the first ones land sooner
 
 
 def retry_delay(failures: int) -> float:
     """Seconds to wait after the ``failures``-th failure in a row of one study."""
     return min(RETRY_FIRST * 2.0 ** min(max(failures - 1, 0), 16), RETRY_MAX)
+
+
+def _age(entry: CatalogueEntry) -> tuple[str, float]:
+    """The recovery order's key (``newest_first``: largest first)."""
+    return entry.study_date, entry.updated
 
 
 def _log_failure(write: Future[Any]) -> None:
@@ -113,6 +125,12 @@ class Recovery:
         self._bytes_finished = 0
         self.queue.update(self._pending.load())  # small: the studies not back yet
         self._count_queue()
+        # after a wipe: set once every member's tree has been tried (who holds what is known
+        # as far as it can be); until then a study waits for a copy naming one of its holders
+        self.holders_known = asyncio.Event()
+        self.holders_known.set()
+        self._copied = asyncio.Event()  # replaced by a fresh one at each member tree copied
+        node.copier.on_committed.append(self._on_tree_copied)
 
     def _count_queue(self) -> None:
         queue = self.queue.values()
@@ -145,19 +163,20 @@ class Recovery:
             if record.catalogue_hash:
                 await self._catalogue(record.catalogue_hash)
                 queued = await self._enqueue_missing(record.catalogue_hash)
-                # who holds each study comes from the members' trees: copy them before fetching
-                failed = await node.copy_member_catalogues()
-                if failed:
-                    log.warning("%d members' catalogues not copied yet; retried", failed)
+                # who holds each study comes from the members' trees: ``run`` copies them while
+                # the queue drains (``_copy_member_trees``)
+                self.holders_known.clear()
             detail = f"seq {newest.seq}, catalogue {record.catalogue_hash[:16] or 'empty'}"
             self.baseline = await asyncio.to_thread(mark_baseline, self.db, Evidence.RECORD, detail)
             log.info("found this site's last site record (%s)", detail)
         self._count_queue()
-        dates = [e.study_date for e in self.queue.values() if e.study_date]
-        self.progress.recent_day = max(dates, default="")
-        self._recent_left = {
-            uid for uid, e in self.queue.items() if e.study_date == self.progress.recent_day
-        }
+        snapshot = list(self.queue.values())  # looked at off the loop
+
+        def newest_day() -> tuple[str, set[str]]:
+            day = max((e.study_date for e in snapshot if e.study_date), default="")
+            return day, {e.study_uid for e in snapshot if e.study_date == day}
+
+        self.progress.recent_day, self._recent_left = await asyncio.to_thread(newest_day)
         self.planned.set()
         node.publisher.site_ready.set()
         node.publisher.mark([])  # publish site/<id> now that the catalogue keeps what is queued
@@ -236,10 +255,45 @@ class Recovery:
             return todo
 
         todo = await asyncio.to_thread(plan_and_write)
-        for e in todo:
-            self.queue[e.study_uid] = e
+        self.queue.update(await asyncio.to_thread(lambda: {e.study_uid: e for e in todo}))
         gc.freeze()  # the queue lives for the recovery: keep full collections off it (publisher)
         return len(todo)
+
+    async def _copy_member_trees(self) -> None:
+        """Copy every live member's tree once, the likely holders of the first studies first,
+        then let every study go (one not listed by then is looked for by ``fetch_study``'s own
+        fresh round, and the node keeps copying trees as members publish). Never raises."""
+        node = self.node
+        try:
+            queued = list(self.queue.values())  # a snapshot: sorted off the loop
+            newest = await asyncio.to_thread(heapq.nlargest, HOLDERS_FIRST, queued, _age)
+            first = [e.study_uid for e in newest]
+            order = likely_holders_first(
+                first, node.live_site_ids(), node.site_id, node.config.replication
+            )
+            failed = await node.copy_member_catalogues(first=order, at_once=TREES_AT_ONCE)
+            if failed:
+                log.warning("%d members' catalogues not copied yet; retried", failed)
+        except Exception:
+            log.exception("copying the members' catalogues failed; fetches look for holders")
+        finally:
+            self.holders_known.set()
+            self._on_tree_copied(None)
+
+    def _on_tree_copied(self, _committed: object) -> None:
+        copied, self._copied = self._copied, asyncio.Event()
+        copied.set()
+
+    async def _holder_known(self, study_uid: str) -> None:
+        """Wait until a member's tree copied here lists ``study_uid`` (or every tree has been
+        tried): a fetch before that would find no holder and wait for every copy instead."""
+        node = self.node
+        while not self.holders_known.is_set():
+            copied = self._copied  # taken before the read: a copy landing after it wakes us
+            found = await asyncio.to_thread(node.catalogues.holders, [study_uid])
+            if set(found.get(study_uid, {})) - {node.site_id}:
+                return
+            await copied.wait()
 
     def _complete(self, entry: CatalogueEntry, held: CatalogueEntry | None) -> bool:
         """Whether this site holds every version ``entry``'s manifest lists (any thread)."""
@@ -319,6 +373,7 @@ class Recovery:
             "retrying": len(self.failing),
             "given_up": self.given_up(),
             "awaiting_record": self.awaiting,
+            "member_trees_copied": self.holders_known.is_set(),
             "baseline": self.baseline.evidence.value if self.baseline else None,
             "error": self.error,
             "full": self.full,
@@ -332,7 +387,15 @@ class Recovery:
 
     async def run(self) -> None:
         """Plan (retrying until the federation answers), then drain the queue whenever it has
-        work, retrying failed studies with backoff. A node task: a failure never ends it."""
+        work, retrying failed studies with backoff, while the members' trees are copied after
+        a wipe. A node task: a failure never ends it."""
+        async with asyncio.TaskGroup() as tg:
+            await self._plan_until_done()
+            if not self.holders_known.is_set():
+                tg.create_task(self._copy_member_trees(), name="recovery-member-trees")
+            await self._drain_forever()
+
+    async def _plan_until_done(self) -> None:
         backoff = PLAN_FIRST_RETRY
         while not self.planned.is_set():
             try:
@@ -349,8 +412,10 @@ class Recovery:
                 log.error("recovery cannot start yet: %s; retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, PLAN_BACKOFF)
+
+    async def _drain_forever(self) -> None:
         while True:
-            due = self._due()
+            due = await self._due()
             if due:
                 self.idle.clear()
                 try:
@@ -380,15 +445,22 @@ class Recovery:
         self._notify()
         return self.full
 
-    def _due(self) -> list[CatalogueEntry]:
+    async def _due(self) -> list[CatalogueEntry]:
+        """The queued studies due now, newest first: chosen and sorted off the event loop
+        (the queue of a wiped site lists every study it held) from a snapshot of it."""
         now = time.time()
         if now < self._paused_until:
             return []
-        return [
-            e
-            for e in self.queue.values()
-            if e.study_uid not in self.failing or self.failing[e.study_uid].next_try <= now
-        ]
+        queued, failing = list(self.queue.values()), dict(self.failing)
+
+        def due() -> list[CatalogueEntry]:
+            return newest_first(
+                e
+                for e in queued
+                if e.study_uid not in failing or failing[e.study_uid].next_try <= now
+            )
+
+        return await asyncio.to_thread(due)
 
     def _until_next_try(self) -> float | None:
         times = [f.next_try for f in self.failing.values()]
@@ -399,11 +471,14 @@ class Recovery:
         return max(0.05, min(times) - time.time())
 
     async def drain(self, entries: list[CatalogueEntry] | None = None) -> RecoveryProgress:
-        """Fetch queued studies (all by default), newest first, ``STUDIES_AT_ONCE`` at a time:
-        one study's lookups and manifests overlap another's blobs, so the transfer never idles
-        between studies."""
+        """Fetch queued studies (all by default; ``entries`` already newest first), newest
+        first, ``STUDIES_AT_ONCE`` at a time: one study's lookups and manifests overlap
+        another's blobs, so the transfer never idles between studies. The order is computed
+        off the loop, and ``STUDIES_AT_ONCE`` workers take the next study in turn: no task
+        per queued study (a wiped site's queue lists every study it held)."""
         pending = self.queue
-        queue = newest_first(pending.values() if entries is None else entries)
+        if entries is None:
+            entries = await asyncio.to_thread(newest_first, list(pending.values()))
         p = self.progress
         partial: dict[str, int] = {}  # bytes so far of the studies being fetched
 
@@ -418,18 +493,20 @@ class Recovery:
 
             return progress
 
-        slots = asyncio.Semaphore(STUDIES_AT_ONCE)  # FIFO: studies start newest first
         done_before = p.studies_done
+        order = iter(entries)  # shared by the workers: each takes the next newest study
 
-        async def one(entry: CatalogueEntry) -> None:
-            async with slots:
+        async def worker() -> None:
+            for entry in order:
                 if entry.study_uid in pending:  # else fetched on demand meanwhile
                     p.current = entry.study_uid
                     await self._fetch(entry, on_bytes(entry.study_uid))
                 partial.pop(entry.study_uid, None)
                 update()
 
-        await asyncio.gather(*(one(entry) for entry in queue))
+        async with asyncio.TaskGroup() as workers:  # one failing stops the others
+            for _ in range(STUDIES_AT_ONCE):
+                workers.create_task(worker())
         p.current = ""
         if not pending and not p.finished:
             p.finished = time.time()
@@ -448,6 +525,7 @@ class Recovery:
         uid = entry.study_uid
         try:
             await failpoints.async_hit("recovery.study", RecoveryError)
+            await self._holder_known(uid)
             result = await self.node.fetch_study(
                 uid, extra_manifests=(entry.manifest_hash,), progress=progress
             )

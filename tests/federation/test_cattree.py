@@ -100,6 +100,13 @@ def test_updates_give_the_tree_built_from_scratch(
     after = reachable(nodes, new_root)
     assert update.added == after - before
     assert update.dropped == before - after
+    # the same pass reports what each entry was: exactly the entries that differ
+    was = {e.study_uid: e for e in cattree.entries(nodes, root)}
+    differ = {uid: e for uid, e in batch.items() if was.get(uid) != e}
+    assert {c.study_uid: c.new for c in update.changes} == differ
+    assert all(c.old == was.get(c.study_uid) for c in update.changes)
+    if not differ:
+        assert new_root == root and not update.new and not update.dropped
 
     d = cattree.diff(nodes, root, new_root)
     old_map = {e.study_uid: e for e in cattree.entries(nodes, root)}
@@ -153,3 +160,58 @@ def test_a_node_that_does_not_match_its_hash_is_refused() -> None:
     root = nodes.take(cattree.build([entry(1)]))
     with pytest.raises(IntegrityError, match="do not match"):
         cattree.decode_node(nodes[root] + b"x", root)
+
+
+class CountingNodes(Nodes):
+    """Counts every node read, to show a change reads its path once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def node(self, h: str) -> bytes:
+        self.reads.append(h)
+        return super().node(h)
+
+
+def test_apply_reads_each_path_once_and_returns_what_was_there() -> None:
+    """The publisher learns each entry's previous value from ``apply`` itself: one pass down
+    the changed paths, no lookup first (each node of a path is read once)."""
+    nodes = CountingNodes()
+    items = [entry(i) for i in range(5_000)]
+    root = nodes.take(cattree.build(items))
+    changed = {items[7].study_uid: entry(7, 1), items[900].study_uid: entry(900, 2)}
+    same = {items[42].study_uid: items[42]}  # already so: not a change
+    update = cattree.apply(nodes, root, {**changed, **same, "9.9.9": None})
+    assert len(nodes.reads) == len(set(nodes.reads)), "a node read twice"
+    paths = {h for c in changed for h in path(nodes, root, c)}
+    looked = paths | {h for u in (items[42].study_uid, "9.9.9") for h in path(nodes, root, u)}
+    assert set(nodes.reads) <= looked
+    assert sorted((c.study_uid, c.old, c.new) for c in update.changes) == sorted(
+        (uid, items[int(uid.rsplit(".", 1)[1])], e) for uid, e in changed.items()
+    )
+    # only the changed paths are rewritten: the unchanged study's leaf is kept
+    assert cattree.lookup(nodes, nodes.take(update), items[42].study_uid) == items[42]
+    assert update.dropped <= paths
+
+
+def test_apply_with_nothing_different_changes_nothing() -> None:
+    nodes = Nodes()
+    items = [entry(i) for i in range(300)]
+    root = nodes.take(cattree.build(items))
+    update = cattree.apply(nodes, root, {e.study_uid: e for e in items[:50]} | {"1.2": None})
+    assert update.root == root and update.count == 300
+    assert not update.new and not update.added and not update.dropped and not update.changes
+
+
+def path(nodes: Nodes, root: str, study_uid: str) -> list[str]:
+    """The nodes from the root to the leaf where ``study_uid`` sits."""
+    key, h, depth, out = cattree.study_key(study_uid), root, 0, []
+    while h != cattree.EMPTY:
+        out.append(h)
+        node = cattree.decode_node(dict.__getitem__(nodes, h))
+        if isinstance(node, cattree.Leaf):
+            break
+        h = node.children[(key[depth // 8] >> (7 - depth % 8)) & 1].hash
+        depth += 1
+    return out
