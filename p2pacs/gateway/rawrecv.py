@@ -23,7 +23,9 @@ what the state machine's DT-2 does), and every other PDU (A-RELEASE, A-ABORT…)
 machine as ``_read_pdu_data`` would. A PDV that does not fit its PDU, a data set fragment
 before the command set is complete, a command fragment or another context in the middle of a
 data set are invalid PDUs (Evt19: the association is aborted, nothing is stored); a connection
-that closes mid-PDU is Evt17, as in pynetdicom.
+that closes mid-PDU is Evt17, as in pynetdicom. A peer that sends nothing for the network
+timeout in the middle of a message loses that message, and pynetdicom's idle timer aborts the
+association (pynetdicom itself would wait for ever in the middle of a PDU).
 
 The C-STORE-RSP of a plain status (``store_response_command``) is encoded here, byte-identical
 to pynetdicom's encoding, and queued for the DUL thread as one P-DATA primitive.
@@ -32,6 +34,9 @@ to pynetdicom's encoding, and queued for the DUL thread as one P-DATA primitive.
 from __future__ import annotations
 
 import logging
+import select
+import socket
+import ssl
 import struct
 from io import BytesIO
 from typing import Any, cast
@@ -83,7 +88,12 @@ class InvalidPduError(ReceiveError):
 
 
 class TransportClosedError(ReceiveError):
-    """The connection closed or timed out in the middle of a PDU (Evt17)."""
+    """The connection closed or failed in the middle of a PDU (Evt17)."""
+
+
+class PeerStalledError(ReceiveError):
+    """Nothing arrived for the association's network timeout in the middle of a message: the
+    partial message is dropped and pynetdicom's idle timer, expired by then, aborts."""
 
 
 # --- pure core -----------------------------------------------------------------------------------
@@ -252,6 +262,13 @@ class DatasetBuffer:
 # --- the reader on an association ----------------------------------------------------------------
 
 
+def _readable(sock: Any, timeout: float) -> bool:
+    """Whether ``sock`` has data within ``timeout`` seconds (poll: no FD_SETSIZE limit)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(max(0.0, timeout) * 1000))
+
+
 def _observed(assoc: Any) -> bool:
     """Whether anything watches received PDUs or messages, or sent messages, beyond
     pynetdicom's standard handlers with their logger quiet (then pynetdicom's path is taken,
@@ -338,20 +355,39 @@ class FastReader:
         except InvalidPduError as exc:
             log.error("invalid P-DATA-TF from %s, aborting: %s", self._peer(), exc)
             self.dul.event_queue.put("Evt19")
+        except PeerStalledError as exc:  # no event: the idle timer's abort is the only one
+            log.error("%s stalled in the middle of a message: %s", self._peer(), exc)
 
     def _peer(self) -> str:
         return str(self.assoc.requestor.ae_title).strip()
 
     def _recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` from the socket. A read that would block waits at most the
+        association's network timeout for data (the socket itself has none: pynetdicom's idle
+        timer cannot fire while its DUL thread is held here)."""
         sock = self.dul.socket.socket
+        plain = not isinstance(sock, ssl.SSLSocket)  # TLS takes no recv flags
+        timeout = self.assoc.network_timeout
         got, n = 0, len(view)
         try:
             while got < n:
-                k = sock.recv_into(view[got:])
+                try:
+                    if plain:
+                        k = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+                    elif sock.pending() or timeout is None or _readable(sock, timeout):
+                        k = sock.recv_into(view[got:])
+                    else:
+                        raise PeerStalledError(f"nothing for {timeout:g} s, {got} of {n} bytes")
+                except BlockingIOError:
+                    if timeout is not None and not _readable(sock, timeout):
+                        raise PeerStalledError(
+                            f"nothing for {timeout:g} s, {got} of {n} bytes received"
+                        ) from None
+                    k = sock.recv_into(view[got:])
                 if not k:
                     raise TransportClosedError(f"{got} of {n} bytes received")
                 got += k
-        except OSError as exc:  # a timeout or a reset: pynetdicom sees it the same way
+        except OSError as exc:  # a reset, a closed socket: pynetdicom sees it the same way
             raise TransportClosedError(f"{got} of {n} bytes received: {exc}") from exc
 
     def _recv(self, n: int) -> bytearray:

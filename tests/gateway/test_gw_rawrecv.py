@@ -203,12 +203,15 @@ def _instance_file(tmp_path: Path, uid: str) -> tuple[Path, bytes]:
 
 @contextmanager
 def _gateway(
-    archive: Archive, max_pdu: int = 0, handlers: list[Any] | None = None
+    archive: Archive,
+    max_pdu: int = 0,
+    handlers: list[Any] | None = None,
+    network_timeout: float = TIMEOUT,
 ) -> Iterator[Gateway]:
     """A gateway on port 0 accepting PDUs of at most ``max_pdu`` bytes (0: any), with extra
     ``handlers`` bound."""
     config = DicomConfig(
-        ae_title=AET, port=0, bind="127.0.0.1", max_pdu=max_pdu, network_timeout=TIMEOUT
+        ae_title=AET, port=0, bind="127.0.0.1", max_pdu=max_pdu, network_timeout=network_timeout
     )
     gw = Gateway(archive, config)
     gw.handlers.extend(handlers or [])
@@ -448,6 +451,27 @@ def test_connection_closed_mid_dataset_stores_nothing(gw_archive: Archive) -> No
         # the server notices the close: a fresh association is served meanwhile and after
         _echo(gw)
         assert gw_archive.index.instance(uid) is None
+
+
+@pytest.mark.parametrize("where", ["mid-pdu", "between-pdus"])
+def test_a_peer_stalling_mid_message_is_aborted_after_the_network_timeout(
+    gw_archive: Archive, where: str
+) -> None:
+    _, ct = _ct_small()
+    uid = _uid(23)
+    command, _ = _store_rq(sop_uid=uid)
+    data = _swap_uid(ct, uid)
+    first = _pdu(_pdv(1, 0x03, command), _pdv(1, 0x00, data[:1000]))
+    second = _pdu(_pdv(1, 0x02, data[1000:]))
+    sent = first + second[: len(second) // 2] if where == "mid-pdu" else first
+    with _gateway(gw_archive, network_timeout=1.0) as gw:
+        with _raw_association(gw) as sock:
+            sock.sendall(sent)  # and then nothing more, the connection left open
+            sock.settimeout(15.0)
+            kind, _ = _read_pdu(sock)
+            assert kind in (0, 0x07)  # the gateway gave up on it: A-ABORT, or closed
+        assert gw_archive.index.instance(uid) is None
+        _echo(gw)
 
 
 def _echo(gw: Gateway) -> None:
