@@ -298,16 +298,19 @@ def p2pacs_site(folder: Path, workers: int) -> P2pacsServe:
 
 class BaselineServe(P2pacsServe):  # type: ignore[misc]
     """``p2pacs serve`` run from another copy of the code (``--baseline-code``): its processes
-    get that folder first on PYTHONPATH."""
+    start in that folder with it on PYTHONPATH (``python -m`` puts the working folder first on
+    ``sys.path``, so both are needed)."""
 
     code: Path = Path()
 
     def start(self) -> None:
-        before = os.environ.get("PYTHONPATH")
+        before, cwd = os.environ.get("PYTHONPATH"), Path.cwd()
         os.environ["PYTHONPATH"] = str(self.code)  # what init, serve and its workers import
+        os.chdir(self.code)
         try:
             super().start()
         finally:
+            os.chdir(cwd)
             if before is None:
                 del os.environ["PYTHONPATH"]
             else:
