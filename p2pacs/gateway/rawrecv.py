@@ -9,11 +9,12 @@ primitive. Its C-STORE-RSP takes the same machinery the other way. For a 0.5 MB 
 is ~130 ``recv`` calls, four copies and several hundred µs of object building per message.
 
 ``fast_receive`` (an ``EVT_ESTABLISHED`` handler) replaces the DUL's ``_read_pdu_data`` on
-an acceptor's association. While the association is in Data Transfer (Sta6) and nothing watches
-received PDUs or messages beyond pynetdicom's quiet standard handlers, a P-DATA-TF is read PDV
-by PDV (PS3.8 9.3.5: 6-byte PDU header, then items of length, context ID, message control
-header and fragment), and the whole DIMSE message is read in that one call (PS3.8 9.3.1: no
-fragment of another message comes between). A C-STORE-RQ's command set is parsed here
+an acceptor's association. While the association is in Data Transfer (Sta6) over plain TCP
+(a TLS socket keeps pynetdicom's path) and nothing watches received PDUs or messages beyond
+pynetdicom's quiet standard handlers, a P-DATA-TF is read PDV by PDV (PS3.8 9.3.5: 6-byte
+PDU header, then items of length, context ID, message control header and fragment), and the
+whole DIMSE message is read in that one call (PS3.8 9.3.1: no fragment of another message
+comes between). A C-STORE-RQ's command set is parsed here
 (``store_request``) and its data set fragments are read with ``recv_into`` straight into the
 buffer of a ``BytesIO`` grown ahead of the data (``DatasetBuffer``), so the handler's
 ``getvalue()`` is that buffer: the only copy is the kernel's. The primitive goes on the DIMSE
@@ -334,8 +335,9 @@ class FastReader:
         dul = self.dul
         if dul.state_machine.current_state != "Sta6" or dul.socket is None:
             return False
-        if getattr(dul.socket, "socket", None) is None or not dul.event_queue.empty():
-            return False
+        sock = getattr(dul.socket, "socket", None)
+        if sock is None or isinstance(sock, ssl.SSLSocket) or not dul.event_queue.empty():
+            return False  # TLS (takes no recv flags, buffers records) keeps pynetdicom's path
         if self.dimse.message is not None:  # pynetdicom is in the middle of a message
             return False
         writer = getattr(self.assoc, "p2pacs_writer", None)  # rawsend's bytes read ahead
@@ -366,18 +368,12 @@ class FastReader:
         association's network timeout for data (the socket itself has none: pynetdicom's idle
         timer cannot fire while its DUL thread is held here)."""
         sock = self.dul.socket.socket
-        plain = not isinstance(sock, ssl.SSLSocket)  # TLS takes no recv flags
         timeout = self.assoc.network_timeout
         got, n = 0, len(view)
         try:
             while got < n:
                 try:
-                    if plain:
-                        k = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
-                    elif sock.pending() or timeout is None or _readable(sock, timeout):
-                        k = sock.recv_into(view[got:])
-                    else:
-                        raise PeerStalledError(f"nothing for {timeout:g} s, {got} of {n} bytes")
+                    k = sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     if timeout is not None and not _readable(sock, timeout):
                         raise PeerStalledError(
