@@ -17,7 +17,14 @@ fsyncs too (``SyncStorageArea`` defaults to true); the bare pynetdicom SCP and s
 ``--associations 1,4,8`` sends the same files over K concurrent storescu processes (file i on
 association i mod K) for each K, and adds ``p2pacs_w1`` (``dicom.workers = 1``, the in-process
 gateway) beside ``p2pacs`` (the default: one gateway worker per core). The JSON then holds
-``<receiver>_k<K>_per_s`` and ``ratio_vs_orthanc_k<K>`` for each K, and the load average.
+``<receiver>_k<K>_per_s`` and ``ratio_vs_orthanc_k<K>`` for each K, and the load average, and
+``<receiver>_k<K>_cpu_us``: the receiver's CPU time (user + system of its process and every
+descendant, e.g. the gateway workers, from ``/proc``) over the send, per instance, least of the
+rounds (the senders' CPU is not in it).
+
+``--baseline-code DIR`` (e.g. ``git archive main | tar -x -C DIR``) adds ``p2pacs_base`` and
+``p2pacs_base_w1``: the same two sites run from the code in DIR, in the same run, so a change
+is measured against what it replaced on the same files and load (``ratio_vs_base_k<K>``).
 
     python bench/ingest_dicom.py --instances 200
     python bench/ingest_dicom.py --instances 400 --associations 1,4,8 --rounds 2
@@ -55,6 +62,35 @@ from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
 
 HERE = Path(__file__).resolve().parent
 START_TIMEOUT = 30.0
+CLOCK = os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return out
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            out += [child, *_descendants(child)]
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """User + system seconds of a process and its live descendants, every thread (/proc)."""
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK
+    return total
 
 
 class PynetdicomSCP:
@@ -140,22 +176,28 @@ def measure(
     rounds: int,
     check: Callable[[Any, Path], int],
     associations: int = 1,
-) -> float:
-    """Best instances/s over ``rounds`` sends, each into a fresh receiver."""
-    best = 0.0
+) -> tuple[float, float]:
+    """(best instances/s, least receiver CPU µs per instance) over ``rounds`` sends, each into
+    a fresh receiver."""
+    best, least_cpu = 0.0, float("inf")
     for r in range(rounds):
         folder = work / f"{name}-k{associations}-{r}"
         folder.mkdir()
         with make(folder) as peer:
+            pid = peer.proc.pid
+            before = tree_cpu(pid)
             seconds = send(peer.aet, peer.port, files, associations)
+            cpu = tree_cpu(pid) - before
             received = check(peer, folder)
         shutil.rmtree(folder, ignore_errors=True)
         if received != len(files):
             raise RuntimeError(f"{name} holds {received} of {len(files)} instances")
         rate = len(files) / seconds
-        print(f"{name} K={associations} round {r + 1}: {rate:.0f} instances/s", file=sys.stderr)
-        best = max(best, rate)
-    return best
+        cpu_us = cpu / len(files) * 1e6
+        print(f"{name} K={associations} round {r + 1}: {rate:.0f} instances/s, "
+              f"{cpu_us:.0f} µs CPU per instance", file=sys.stderr)  # fmt: skip
+        best, least_cpu = max(best, rate), min(least_cpu, cpu_us)
+    return best, least_cpu
 
 
 def main() -> None:
@@ -167,6 +209,12 @@ def main() -> None:
         "--associations",
         default="",
         help="comma-separated K values: K concurrent storescu associations each (e.g. 1,4,8)",
+    )
+    ap.add_argument(
+        "--baseline-code",
+        type=Path,
+        default=None,
+        help="with --associations: also run p2pacs from the code in this folder (same run)",
     )
     args = ap.parse_args()
     if args.associations:
@@ -209,7 +257,7 @@ def main() -> None:
             return count_files(folder)
 
         common = {"files": files, "work": work, "rounds": args.rounds}
-        rates = {
+        measured = {
             "storescp": measure(
                 "storescp", make=StoreSCP, check=lambda _p, d: count_files(d), **common
             ),
@@ -224,6 +272,7 @@ def main() -> None:
                 **common,
             ),
         }
+        rates = {name: rate for name, (rate, _) in measured.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     p2 = rates["p2pacs"]
@@ -247,6 +296,38 @@ def p2pacs_site(folder: Path, workers: int) -> P2pacsServe:
     return P2pacsServe(folder / "site", "P2PACS")
 
 
+class BaselineServe(P2pacsServe):  # type: ignore[misc]
+    """``p2pacs serve`` run from another copy of the code (``--baseline-code``): its processes
+    start in that folder with it on PYTHONPATH (``python -m`` puts the working folder first on
+    ``sys.path``, so both are needed)."""
+
+    code: Path = Path()
+
+    def start(self) -> None:
+        before, cwd = os.environ.get("PYTHONPATH"), Path.cwd()
+        os.environ["PYTHONPATH"] = str(self.code)  # what init, serve and its workers import
+        os.chdir(self.code)
+        try:
+            super().start()
+        finally:
+            os.chdir(cwd)
+            if before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = before
+
+
+def baseline_site(code: Path, folder: Path, workers: int) -> P2pacsServe:
+    from p2pacs.site import Site
+
+    site = Site.init(folder / "site")
+    site.config.dicom.workers = workers
+    site.save_config()
+    serve = BaselineServe(folder / "site", "P2PACS")
+    serve.code = code
+    return serve
+
+
 def p2pacs_count(peer: P2pacsServe, folder: Path) -> int:
     """What the running site answers to C-FIND (its LMDB belongs to the server while it runs)."""
     import pydicom
@@ -267,6 +348,7 @@ def concurrent(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="p2pacs-bench-", dir=args.dir))
     load_before = os.getloadavg()
     rates: dict[str, float] = {}
+    cpus: dict[str, float] = {}
     try:
         files = bench_files(work / "src", args.instances)
         receivers: dict[str, tuple[Callable[[Path], Any], Callable[[Any, Path], int]]] = {
@@ -279,9 +361,13 @@ def concurrent(args: argparse.Namespace) -> None:
             "p2pacs": (lambda d: p2pacs_site(d, 0), p2pacs_count),
             "p2pacs_w1": (lambda d: p2pacs_site(d, 1), p2pacs_count),
         }
+        code = args.baseline_code
+        if code is not None:
+            receivers["p2pacs_base"] = (lambda d: baseline_site(code, d, 0), p2pacs_count)
+            receivers["p2pacs_base_w1"] = (lambda d: baseline_site(code, d, 1), p2pacs_count)
         for k in ks:
             for name, (make, check) in receivers.items():
-                rates[f"{name}_k{k}_per_s"] = measure(
+                rates[f"{name}_k{k}_per_s"], cpus[f"{name}_k{k}_cpu_us"] = measure(
                     name, make=make, check=check, files=files, work=work,
                     rounds=args.rounds, associations=k,
                 )  # fmt: skip
@@ -294,6 +380,7 @@ def concurrent(args: argparse.Namespace) -> None:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         **{k: round(v, 1) for k, v in rates.items()},
+        **{k: round(v) for k, v in cpus.items()},
     }
     for k in ks:
         result[f"ratio_vs_orthanc_k{k}"] = round(
@@ -305,6 +392,13 @@ def concurrent(args: argparse.Namespace) -> None:
         result[f"ratio_workers_vs_w1_k{k}"] = round(
             rates[f"p2pacs_k{k}_per_s"] / rates[f"p2pacs_w1_k{k}_per_s"], 3
         )
+        if args.baseline_code is not None:
+            result[f"ratio_vs_base_k{k}"] = round(
+                rates[f"p2pacs_k{k}_per_s"] / rates[f"p2pacs_base_k{k}_per_s"], 3
+            )
+            result[f"ratio_w1_vs_base_w1_k{k}"] = round(
+                rates[f"p2pacs_w1_k{k}_per_s"] / rates[f"p2pacs_base_w1_k{k}_per_s"], 3
+            )
     print(json.dumps(result))
 
 

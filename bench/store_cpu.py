@@ -5,7 +5,10 @@ dcmtk ``storescu`` (TCP_NODELAY=1, 128 KiB PDUs, one association) sends N genera
 (~0.5 MB). The process's own CPU time (user + system, every thread: PDU reassembly, validation,
 hashing, the LMDB writer) over the send, divided by N, is the cost the gateway pays per instance;
 a bare pynetdicom SCP child (``_pynetdicom_scp.py``: writes ``encoded_dataset()`` to a file) is
-measured the same way beside it, from ``/proc``. Last line: JSON.
+measured the same way beside it, from ``/proc``. The gateway is measured twice per round on the
+same files: as it runs (``gateway/rawrecv.py`` reads C-STORE data sets off the socket and
+answers them) and with that fast path left out (pynetdicom's own receive path, as before it):
+``ratio_cpu_fast_vs_pynetdicom_recv`` is their ratio. Last line: JSON.
 
     python bench/store_cpu.py --instances 200 [--profile out.txt]
 
@@ -34,6 +37,7 @@ from ingest_dicom import PynetdicomSCP, send
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
 from p2pacs.gateway import Gateway
+from p2pacs.gateway.rawrecv import fast_receive
 
 CLOCK = os.sysconf("SC_CLK_TCK")
 
@@ -49,10 +53,15 @@ def self_cpu() -> float:
     return t.user + t.system
 
 
-def measure_p2pacs(files: list[Path], work: Path, sync: bool) -> tuple[float, float]:
-    """(CPU µs per instance, instances/s) of the in-process gateway."""
-    archive = Archive(work / f"db-{sync}", map_size=1 << 34, sync=sync)
+def measure_p2pacs(
+    files: list[Path], work: Path, sync: bool, fast: bool = True
+) -> tuple[float, float]:
+    """(CPU µs per instance, instances/s) of the in-process gateway; ``fast``: with the
+    receive fast path (``gateway/rawrecv.py``), else with pynetdicom's receive path."""
+    archive = Archive(work / f"db-{sync}-{fast}", map_size=1 << 34, sync=sync)
     gw = Gateway(archive, DicomConfig(ae_title="P2PACS", port=0, bind="127.0.0.1", max_pdu=0))
+    if not fast:
+        gw.handlers = [h for h in gw.handlers if h[1] is not fast_receive]
     gw.start()
     try:
         before = self_cpu()
@@ -114,17 +123,20 @@ def main() -> None:
     try:
         files = bench_files(work / "src", args.instances)
         load = os.getloadavg()
-        p2, bare = [], []
+        p2, slow, bare = [], [], []
         for r in range(args.rounds):
+            (work / f"r{r}").mkdir(parents=True)
             p2.append(measure_p2pacs(files, work / f"r{r}", sync=True))
+            slow.append(measure_p2pacs(files, work / f"r{r}", sync=True, fast=False))
             bare.append(measure_pynetdicom(files, work / f"r{r}"))
-            print(f"round {r + 1}: p2pacs {p2[-1][0]:.0f} µs, pynetdicom {bare[-1][0]:.0f} µs",
+            print(f"round {r + 1}: p2pacs {p2[-1][0]:.0f} µs, with pynetdicom's receive path "
+                  f"{slow[-1][0]:.0f} µs, pynetdicom {bare[-1][0]:.0f} µs",
                   file=sys.stderr)  # fmt: skip
         if args.profile is not None:
             profile(files, work / "prof", args.profile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    best_p2, best_bare = min(p2), min(bare)
+    best_p2, best_slow, best_bare = min(p2), min(slow), min(bare)
     print(
         json.dumps(
             {
@@ -132,9 +144,12 @@ def main() -> None:
                 "loadavg": [round(x, 2) for x in load],
                 "p2pacs_cpu_us_per_instance": round(best_p2[0]),
                 "p2pacs_per_s": round(best_p2[1], 1),
+                "p2pacs_pynetdicom_recv_cpu_us_per_instance": round(best_slow[0]),
+                "p2pacs_pynetdicom_recv_per_s": round(best_slow[1], 1),
                 "pynetdicom_cpu_us_per_instance": round(best_bare[0]),
                 "pynetdicom_per_s": round(best_bare[1], 1),
                 "ratio_cpu_vs_pynetdicom": round(best_p2[0] / best_bare[0], 3),
+                "ratio_cpu_fast_vs_pynetdicom_recv": round(best_p2[0] / best_slow[0], 3),
             }
         )
     )

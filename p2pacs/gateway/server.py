@@ -27,6 +27,7 @@ from p2pacs.gateway.contexts import SharedUIDContexts
 from p2pacs.gateway.find import FindHandler
 from p2pacs.gateway.listen import serve_inherited
 from p2pacs.gateway.observe import association_observers, observed
+from p2pacs.gateway.rawrecv import fast_receive
 from p2pacs.gateway.rawsend import direct_writes_when_sending
 from p2pacs.gateway.retrieve import RetrieveHandlers
 from p2pacs.gateway.store import StoreHandler
@@ -120,6 +121,7 @@ class Gateway:
         self.handlers: list[Any] = [
             *association_handlers(),
             (evt.EVT_ESTABLISHED, direct_writes_when_sending),
+            (evt.EVT_ESTABLISHED, fast_receive),  # after rawsend's: it wraps its send_msg
             (evt.EVT_REQUESTED, _log_association),
             (evt.EVT_REQUESTED, _prefer_deliverable),
             *association_observers(archive.events),

@@ -42,12 +42,14 @@ TIMEOUT = 60.0
 EXPLICIT = "1.2.840.10008.1.2.1"
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = TIMEOUT) -> bool:
+def wait_until(
+    condition: Callable[[], bool], timeout: float = TIMEOUT, interval: float = 0.05
+) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.05)
+        time.sleep(interval)
     return condition()
 
 
@@ -183,9 +185,11 @@ async def test_worker_killed_mid_stream_loses_nothing_acknowledged(
     os.kill(other, signal.SIGSTOP)  # every association of the run goes to the victim
     try:
         with ThreadPoolExecutor(3) as pool_:
-            runs = [pool_.submit(storescu, host, port, first[i::3]) for i in range(3)]
+            # each sender's files four times over (a resent instance is stored once): the
+            # senders are still sending when the kill lands, however fast the worker stores
+            runs = [pool_.submit(storescu, host, port, first[i::3] * 4) for i in range(3)]
             stored_some = await asyncio.to_thread(
-                wait_until, lambda: archive.index.counts()[2] >= 6
+                wait_until, lambda: archive.index.counts()[2] >= 3, TIMEOUT, 0.005
             )
             assert stored_some, "nothing was stored"
             os.kill(victim, signal.SIGKILL)
