@@ -52,8 +52,20 @@ def _switches(thread: threading.Thread) -> int:
     return int(line.split()[1])
 
 
-def _acceptors() -> list[Association]:
-    return [t for t in threading.enumerate() if isinstance(t, Association) and t.is_acceptor]
+def _acceptor_of(assoc: Association) -> Association:
+    """The gateway's side of ``assoc`` (other tests' associations may still be ending)."""
+    local = assoc.dul.socket.socket.getsockname()  # type: ignore[union-attr]
+    found = []
+    for t in threading.enumerate():
+        if isinstance(t, Association) and t.is_acceptor and t.dul.socket is not None:
+            sock = t.dul.socket.socket
+            try:
+                if sock is not None and sock.getpeername() == local:
+                    found.append(t)
+            except OSError:  # closed meanwhile
+                continue
+    (acceptor,) = found
+    return acceptor
 
 
 def _wait_until(condition: object, timeout: float) -> bool:
@@ -72,7 +84,7 @@ def test_an_idle_association_sleeps_on_both_sides(gw_archive: Archive) -> None:
         assert assoc.is_established
         try:
             assert assoc.send_c_echo().Status == 0x0000
-            (acceptor,) = _acceptors()
+            acceptor = _acceptor_of(assoc)
             assert reactor.installed(assoc) and reactor.installed(acceptor)
             threads = [assoc, assoc.dul, acceptor, acceptor.dul]
             before = [_switches(t) for t in threads]
@@ -92,7 +104,7 @@ def test_the_network_idle_timer_still_aborts(gw_archive: Archive) -> None:
     with running_gateway(gw_archive, network_timeout=1.0) as gw:
         assoc = associate(gw, Verification)
         assert assoc.is_established
-        (acceptor,) = _acceptors()
+        acceptor = _acceptor_of(assoc)
         assert _wait_until(lambda: assoc.is_aborted, TIMEOUT), "the idle timer never fired"
         assert _wait_until(lambda: not acceptor.is_alive() and not acceptor.dul.is_alive(), ENDED)
         assert _wait_until(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), ENDED)
@@ -102,7 +114,7 @@ def test_an_abort_from_the_requestor_ends_the_acceptor(gw_archive: Archive) -> N
     with running_gateway(gw_archive) as gw:
         assoc = associate(gw, Verification)
         assert assoc.is_established
-        (acceptor,) = _acceptors()
+        acceptor = _acceptor_of(assoc)
         assoc.abort()
         assert assoc.is_aborted and not assoc.dul.is_alive()
         assert _wait_until(lambda: not acceptor.is_alive() and not acceptor.dul.is_alive(), ENDED)
