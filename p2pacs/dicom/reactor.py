@@ -283,6 +283,7 @@ def _assoc_run_reactor(self: Any) -> None:
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, context_id)
+            wake.set()  # one message per turn, as pynetdicom: look again before sleeping
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
             log.info("Association Released")
