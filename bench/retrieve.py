@@ -11,8 +11,9 @@ with TCP_NODELAY=1. Rounds alternate between the two servers so noise hits both;
 the best of ``--rounds``. Run as root, everything runs in a network namespace holding only
 ``lo`` (Orthanc listens on 0.0.0.0 whatever its config says). Last line: a JSON object.
 
-CPU per instance is the server process's user+system time (``/proc/PID/stat``) over the
-retrieval, divided by the instances sent: it shows where a two-core machine runs out.
+CPU per instance is the user+system time (``/proc/PID/stat``) of the server process and its
+child processes (p2pacs's gateway workers) over the retrieval, divided by the instances sent: it
+shows where a two-core machine runs out.
 
     python bench/retrieve.py --instances 400 --rounds 3
 """
@@ -52,10 +53,40 @@ TICK = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time in these
 NETNS_ENV = "P2PACS_BENCH_NETNS"  # set in the child that runs inside the namespace
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _own_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads) so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (every thread's ``children`` list)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of a server process and its running descendants
+    (p2pacs's gateway workers do the sending; a worker that ends mid-measurement would be
+    missed, which the bench does not do)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _own_cpu(p)
+        todo += _children(p)
+    return total
 
 
 def stop(proc: subprocess.Popen[Any] | None) -> None:
@@ -294,7 +325,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if args.py_spy is not None:  # sample the p2pacs process during the measured rounds
             spy = subprocess.Popen(
                 [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
-                 "--rate", "250", "--gil", "--threads", "-o", str(args.py_spy),
+                 "--rate", "250", "--gil", "--threads", "--subprocesses", "-o", str(args.py_spy),
                  "--pid", str(servers[0].pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -91,8 +91,8 @@ class DicomConfig:
     destinations: dict[str, str] = field(default_factory=dict)  # C-MOVE AE title -> "host:port"
     network_timeout: float = 60.0  # seconds of silence before an association is dropped
     # C-GET/C-MOVE: when a peer accepted, of what we can encode, only a lossy syntax (JPEG
-    # 2000), send it lossy-compressed copies (off: such a sub-operation fails). Stored bytes
-    # never change either way.
+    # 2000; JPEG Baseline for 8-bit images), send it lossy-compressed copies (off: such a
+    # sub-operation fails). Stored bytes never change either way.
     lossy_transcoding: bool = False
     # gateway processes sharing the DICOM port: 0 = one per core, 1 = the gateway runs in the
     # site's own process (docs/architecture.md, "Gateway workers")

@@ -130,7 +130,7 @@ def test_metadata_without_pixels(pydicom_all_files: list[Path]) -> None:
     original = pydicom.dcmread(path)
     assert meta["00080018"]["Value"] == [original.SOPInstanceUID]
     assert meta["00280010"]["Value"] == [original.Rows]
-    assert "7FE00010" not in meta
+    assert meta["7FE00010"] == {"vr": "OW", "BulkDataURI": "bulkdata/7FE00010"}  # not read
 
 
 def test_frames_uncompressed_and_decoded(pydicom_all_files: list[Path]) -> None:

@@ -81,8 +81,8 @@ def test_cors_origins_are_checked() -> None:
 
 
 def test_warnings_are_header_safe() -> None:
-    from p2pacs.dicomweb.routes import _search_response
+    from p2pacs.dicomweb.qido_rs import search_response
 
-    resp = _search_response([], ['not searched: b: "boom"\r\nX-Evil: 1 ü'])
+    resp = search_response([], ['not searched: b: "boom"\r\nX-Evil: 1 ü'])
     assert resp.status == 204
     assert resp.headers["Warning"] == '299 p2pacs "not searched: b: ?boom???X-Evil: 1 ?"'

@@ -192,13 +192,15 @@ def test_choose_target() -> None:
     assert choose_target(ExplicitVRLittleEndian, [JPEGBaseline8Bit, RLELossless]) == Plan(
         RLELossless
     )
-    # nothing deliverable: None; lossy only when allowed and only for JPEG 2000
+    # nothing deliverable: None; lossy only when allowed (JPEG 2000, JPEG Baseline)
     assert choose_target(ExplicitVRLittleEndian, [JPEGBaseline8Bit]) is None
     assert choose_target(ExplicitVRLittleEndian, [JPEG2000]) is None
     assert choose_target(ExplicitVRLittleEndian, [JPEG2000], allow_lossy=True) == Plan(
         JPEG2000, lossy=True
     )
-    assert choose_target(ExplicitVRLittleEndian, [JPEGBaseline8Bit], allow_lossy=True) is None
+    assert choose_target(ExplicitVRLittleEndian, [JPEGBaseline8Bit], allow_lossy=True) == Plan(
+        JPEGBaseline8Bit, lossy=True
+    )
     # a syntax with no decoder installed cannot be converted at all
     mpeg2 = "1.2.840.10008.1.2.4.100"
     assert not decodable(mpeg2)

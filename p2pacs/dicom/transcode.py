@@ -15,7 +15,8 @@ pixel data handlers (``Dataset.decompress`` / ``Dataset.compress``) over the plu
 
 Choosing (``choose_target``): the stored syntax when the requester accepted it; otherwise a
 lossless conversion (uncompressed little endian first, then a lossless compressed syntax we can
-encode); lossy JPEG 2000 only when nothing else was accepted and the caller allows it. Every
+encode); lossy JPEG 2000, or JPEG Baseline for 8-bit images (encoded with Pillow,
+jpegbaseline.py), only when nothing else was accepted and the caller allows it. Every
 result is checked with ``validate_dataset`` before it is returned, so a conversion that goes
 wrong is an error, never a corrupt dataset.
 """
@@ -46,11 +47,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
 
+from p2pacs.dicom import jpegbaseline
 from p2pacs.dicom.validate import inflate_dataset, syntax_encoding, validate_dataset
 from p2pacs.errors import InvalidDicomError, TranscodeError
 
@@ -82,6 +85,8 @@ LOSSLESS_TARGETS: dict[str, dict[str, Any]] = {
 LOSSY_J2K_RATIO = 10.0
 LOSSY_TARGETS: dict[str, tuple[dict[str, Any], str]] = {
     JPEG2000: ({"j2k_cr": [LOSSY_J2K_RATIO]}, "ISO_15444_1"),
+    # 8-bit images only, encoded with Pillow (jpegbaseline.py); ISO 10918-1 is the method
+    JPEGBaseline8Bit: ({}, "ISO_10918_1"),
 }
 # the plugin that decodes (and encodes) each syntax when several are installed: the dedicated
 # codec first; GDCM only where nothing else (under a licence we take) decodes. GDCM's own RLE
@@ -163,6 +168,8 @@ def decodable(transfer_syntax: str) -> bool:
 
 
 def _encodable(transfer_syntax: str) -> bool:
+    if transfer_syntax == JPEGBaseline8Bit:
+        return jpegbaseline.available()
     try:
         return bool(get_encoder(transfer_syntax).is_available)
     except NotImplementedError:
@@ -185,7 +192,8 @@ def choose_target(
 
     As stored when accepted. Otherwise, if the stored pixel data can be decoded: uncompressed
     little endian (explicit VR first), then the first accepted lossless compressed syntax we
-    can encode, then, only with ``allow_lossy`` and nothing else accepted, lossy JPEG 2000.
+    can encode, then, only with ``allow_lossy`` and nothing else accepted, the first accepted
+    lossy syntax (JPEG 2000; JPEG Baseline, which then refuses images other than 8-bit).
     """
     order = list(dict.fromkeys(str(ts) for ts in accepted))
     if stored in order:
@@ -226,6 +234,8 @@ def transcode(raw: bytes | memoryview, stored: str, plan: Plan) -> bytes:
         and target not in LOSSY_TARGETS
     ):
         raise TranscodeError(f"cannot encode into {target.name}")
+    if target not in UNCOMPRESSED and target not in LOSSLESS_TARGETS and not plan.lossy:
+        raise TranscodeError(f"cannot encode into {target.name} without loss")
     _converting.active = True
     try:
         with warnings.catch_warnings():
@@ -293,6 +303,11 @@ def _compress(ds: Dataset, plan: Plan) -> None:
         options, method = LOSSY_TARGETS[target]
     else:
         options, method = LOSSLESS_TARGETS[target], ""
+    if target == JPEGBaseline8Bit:  # Pillow's encoder, not pydicom's (it has none)
+        ratio = jpegbaseline.encode_jpeg_baseline(ds, ds.pixel_array)
+        ds.file_meta.TransferSyntaxUID = UID(target)
+        _mark_lossy(ds, method, ratio)
+        return
     if "PixelData" in ds and ds["PixelData"].VR not in ("OB", "OW"):
         ds["PixelData"].VR = "OB" if int(ds.BitsAllocated) <= 8 else "OW"
     arr = None
@@ -309,11 +324,16 @@ def _compress(ds: Dataset, plan: Plan) -> None:
         **options,
     )
     if plan.lossy:
-        ds.LossyImageCompression = "01"
-        methods = _values(ds.get("LossyImageCompressionMethod"))
-        ratios = _values(ds.get("LossyImageCompressionRatio"))
-        ds.LossyImageCompressionMethod = [*methods, method]
-        ds.LossyImageCompressionRatio = [*ratios, f"{LOSSY_J2K_RATIO:g}"]
+        _mark_lossy(ds, method, LOSSY_J2K_RATIO)
+
+
+def _mark_lossy(ds: Dataset, method: str, ratio: float) -> None:
+    """Lossy Image Compression, its Method and Ratio, appended (PS3.3 C.7.6.1.1.5)."""
+    ds.LossyImageCompression = "01"
+    methods = _values(ds.get("LossyImageCompressionMethod"))
+    ratios = _values(ds.get("LossyImageCompressionRatio"))
+    ds.LossyImageCompressionMethod = [*methods, method]
+    ds.LossyImageCompressionRatio = [*ratios, f"{ratio:.4g}"]
 
 
 def _values(elem: Any) -> list[Any]:

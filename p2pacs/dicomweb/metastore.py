@@ -30,6 +30,9 @@ __all__ = ["MetadataStore", "MetadataWarmer"]
 log = logging.getLogger(__name__)
 
 DB_NAME = "dicomweb_meta"
+# the first bytes of each kept entry: entries of an older format (without it; binary values
+# left out, no BulkDataURI) are read as missing, built again and overwritten in place
+FORMAT = b"\x02"
 WARM_QUEUE = 8192  # ingested instances waiting for their metadata; beyond, built on request
 WARM_BATCH = 128  # entries written per write job by the warmer
 
@@ -57,8 +60,8 @@ class MetadataStore:
             with self.archive.db.read() as txn:
                 for h in wanted:
                     value = txn.get(bytes.fromhex(h), db=self._db)
-                    if value is not None:
-                        out[h] = bytes(value)
+                    if value is not None and bytes(value[: len(FORMAT)]) == FORMAT:
+                        out[h] = bytes(value[len(FORMAT) :])
                         self.memory.put(h, out[h])
         return out
 
@@ -75,7 +78,7 @@ class MetadataStore:
 
         def job(txn: Any) -> None:
             for h, value in entries.items():
-                txn.put(bytes.fromhex(h), value, db=self._db)
+                txn.put(bytes.fromhex(h), FORMAT + value, db=self._db)
 
         return self.archive.db.submit(job, weight=sum(len(v) for v in entries.values()))
 

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.valuerep import BYTES_VR
 
 from p2pacs.dicom.transcode import LOSSLESS_TARGETS, UNCOMPRESSED, Plan, transcode
 from p2pacs.dicom.validate import inflate_dataset, syntax_encoding
@@ -27,15 +28,21 @@ __all__ = [
     "NotAcceptableError",
     "StowResult",
     "accepted_syntaxes",
+    "bulk_accept",
+    "bulk_uri",
     "frames_of",
     "metadata_json",
     "part_header",
     "stow_response",
+    "with_base",
 ]
 
 ANY_SYNTAX = "*"  # transfer-syntax=* : as stored (PS3.18 8.7.3.5.2)
 DICOM_JSON = "application/dicom+json"
-INLINE_LIMIT = 4096  # bytes: larger binary values are left out of /metadata (bulk data)
+INLINE_LIMIT = 4096  # bytes: binary values this long or longer are bulk data in /metadata
+# pydicom's threshold is on the base64 length: values of INLINE_LIMIT bytes or more go out as
+# BulkDataURI (PS3.18 F.2.6: the server chooses)
+_THRESHOLD = (INLINE_LIMIT - 1) // 3 * 4 + 3
 # instances whose encoded metadata is kept (a few KB each: ~20-40 MB for a full cache, room
 # for several 600-instance series a viewer opens again and again)
 METADATA_CACHE_ENTRIES = 8192
@@ -87,7 +94,7 @@ def accepted_syntaxes(accept: str | None, part_type: str) -> list[str]:
     for rng in _media_ranges(accept):
         if rng.media in ("*/*", "multipart/*"):
             out.append(_DEFAULT_SYNTAX)
-        elif rng.media == "multipart/related" and rng.params.get("type", part_type) == part_type:
+        elif rng.media == "multipart/related" and _type_matches(rng, part_type):
             out.append(rng.params.get("transfer-syntax", _DEFAULT_SYNTAX))
     served = [ts for ts in dict.fromkeys(out) if ts in _SERVED]
     if not served:
@@ -97,6 +104,25 @@ def accepted_syntaxes(accept: str | None, part_type: str) -> list[str]:
             f"{', '.join(sorted(_SERVED))}"
         )
     return served
+
+
+def _type_matches(rng: _MediaRange, part_type: str) -> bool:
+    """A multipart range's ``type`` allows ``part_type`` (absent, equal, ``*/*`` or ``x/*``)."""
+    wanted = rng.params.get("type", part_type).lower()
+    return wanted in (part_type, "*/*", part_type.split("/", maxsplit=1)[0] + "/*")
+
+
+def bulk_accept(accept: str | None) -> tuple[bool, list[str]]:
+    """For bulk data and frames: whether the client's first choice is a single
+    ``application/octet-stream`` body (PS3.18 8.7.3.3: allowed for one part), and the
+    transfer syntaxes accepted, as ``accepted_syntaxes`` gives them."""
+    ranges = _media_ranges(accept or "")
+    if ranges and ranges[0].media == "application/octet-stream":
+        ts = ranges[0].params.get("transfer-syntax", _DEFAULT_SYNTAX)
+        if ts not in _SERVED:
+            raise NotAcceptableError(f"application/octet-stream in {ts} cannot be served")
+        return True, [ts]
+    return False, accepted_syntaxes(accept, "application/octet-stream")
 
 
 def wants_json(accept: str | None) -> bool:
@@ -119,39 +145,81 @@ def closing(boundary: str, empty: bool) -> bytes:
     return (b"" if empty else b"\r\n") + f"--{boundary}--\r\n".encode("ascii")
 
 
-def _read(raw: bytes | memoryview, ts: str, *, pixels: bool) -> Dataset:
+def _read(
+    raw: bytes | memoryview, ts: str, *, pixels: bool, stopped: list[tuple[int, Any]] | None = None
+) -> Dataset:
+    """The dataset, up to its pixel data unless ``pixels``; ``stopped`` gets the (tag, VR) of
+    the pixel data element the read stopped at."""
     implicit, big, deflated, _ = syntax_encoding(ts)
     data = inflate_dataset(raw) if deflated else bytes(raw)
+
+    def at_pixels(tag: Any, vr: Any, length: int) -> bool:
+        if int(tag) >= 0x7FE00008:
+            if stopped is not None:
+                stopped.append((int(tag), vr))
+            return True
+        return False
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = read_dataset(
             io.BytesIO(data),
             implicit,
             not big,
-            stop_when=None if pixels else _at_pixels,
+            stop_when=None if pixels else at_pixels,
         )
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(ts)
     return ds
 
 
-def _at_pixels(tag: Any, vr: Any, length: int) -> bool:
-    return int(tag) >= 0x7FE00008
+# the pixel data elements (PS3.5 7.6: Float, Double Float and Pixel Data) and their VR when
+# an implicit VR dataset does not say
+PIXEL_TAGS = {0x7FE00008: "OF", 0x7FE00009: "OD", 0x7FE00010: "OW"}
+BULK_URI_KEY = b'"BulkDataURI":"'  # how a BulkDataURI starts in the encoded metadata
+
+
+def _bulk_paths(ds: Dataset, prefix: tuple[str, ...], out: dict[int, str]) -> None:
+    """The relative bulk data URI of every binary element (by ``id``), sequences included."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for i, item in enumerate(elem.value or (), 1):
+                _bulk_paths(item, (*prefix, f"{int(elem.tag):08X}", str(i)), out)
+        elif elem.VR in BYTES_VR:
+            out[id(elem)] = bulk_uri((*prefix, f"{int(elem.tag):08X}"))
+
+
+def bulk_uri(steps: Sequence[str]) -> str:
+    """An element's bulk data URI relative to its instance's URL: ``bulkdata/`` and the tags
+    (eight hex digits) of the sequences, 1-based item numbers and the element itself."""
+    return "bulkdata/" + "/".join(steps)
 
 
 def metadata_json(raw: bytes | memoryview, ts: str) -> dict[str, Any]:
     """An instance's metadata as DICOM JSON (PS3.18 F.2), read from its stored dataset up to
-    the pixel data: Pixel Data is not included (retrieve it with /frames), and binary values
-    over ``INLINE_LIMIT`` bytes are left out; smaller ones are InlineBinary."""
-    ds = _read(raw, ts, pixels=False)
-    for elem in list(ds.iterall()):
-        binary = elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV", "UN")
-        if binary and elem.value is not None and len(elem.value) > INLINE_LIMIT:
-            elem.value = None
+    the pixel data. Binary values of ``INLINE_LIMIT`` bytes or more, and the pixel data, are
+    given as a ``BulkDataURI`` relative to the instance's URL (``bulkdata/7FE00010``: the
+    service makes it absolute, ``with_base``); smaller ones as InlineBinary."""
+    stopped: list[tuple[int, Any]] = []
+    ds = _read(raw, ts, pixels=False, stopped=stopped)
+    paths: dict[int, str] = {}
+    _bulk_paths(ds, (), paths)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=1 << 30)
+        out: dict[str, Any] = ds.to_json_dict(
+            bulk_data_threshold=_THRESHOLD, bulk_data_element_handler=lambda e: paths[id(e)]
+        )
+    if stopped and stopped[0][0] in PIXEL_TAGS:
+        tag, vr = stopped[0]
+        vr = str(vr) if vr else ("OB" if UID(ts).is_encapsulated else PIXEL_TAGS[tag])
+        out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": bulk_uri((f"{tag:08X}",))}
     return out
+
+
+def with_base(encoded: bytes, instance_url: str) -> bytes:
+    """Encoded metadata with its relative BulkDataURIs made absolute. Safe on the bytes: in
+    JSON a string value cannot hold ``"BulkDataURI":"`` unescaped."""
+    return encoded.replace(BULK_URI_KEY, BULK_URI_KEY + instance_url.encode() + b"/")
 
 
 def frames_of(

@@ -19,8 +19,9 @@ from p2pacs.dicom import Level
 from p2pacs.dicom.header import typed_value
 from p2pacs.errors import P2PacsError
 from p2pacs.gateway import status
+from p2pacs.gateway.dimsewire import COMMAND, pdata_frames
 from p2pacs.gateway.findwire import IdentifierEncoder, pending_command
-from p2pacs.gateway.rawsend import COMMAND, pdata_frames, sendall, sending
+from p2pacs.gateway.rawsend import sendall, sending
 from p2pacs.index import DicomIndex
 
 __all__ = ["FindAnswers", "FindHandler", "Query", "answering", "parse_identifier"]

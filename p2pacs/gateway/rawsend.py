@@ -16,12 +16,16 @@ sends it, in one ``sendmsg`` of PDU headers and views of the payload (PS3.8 9.3.
 per P-DATA-TF, at most the peer's maximum PDU length, command fragments first). For a
 ``StoredInstance`` the payload is the verified blob (``Archive.blob``) itself: the only copy
 left after the read is the kernel's. The command sets of C-STORE-RQ and C-GET/C-MOVE-RSP are
-packed directly (``command_set``, byte-identical to pynetdicom's pydicom encoding), and the
-C-STORE-RSP to a stored instance is read by the sending thread itself (``get_msg``): the DUL
-thread, which otherwise reads the socket and runs the state machine, waits on ``read_lock``
-meanwhile, and anything else read (a C-CANCEL, an A-ABORT, a fragmented response) is pushed
-back for it to handle as usual. The DUL thread writes only A-ASSOCIATE, A-RELEASE and A-ABORT
-PDUs, under the same write lock, so PDUs never interleave. Outside the Data Transfer state
+packed directly (``gateway.dimsewire``, byte-identical to pynetdicom's pydicom encoding), and
+the C-STORE-RSP to a stored instance is read by the sending thread itself: the DUL thread, which
+otherwise reads the socket and runs the state machine, waits on ``read_lock`` meanwhile, and
+anything else read (a C-CANCEL, an A-ABORT, a fragmented response) is pushed back for it to
+handle as usual. A stored instance's whole sub-operation (``_Writer.store``) skips pynetdicom's
+``send_c_store``, which pauses the association's reactor before each request and waits for it
+to pause (up to its 1 ms sleep: on a C-MOVE sub-association, up to 1 ms per instance); the
+reactor is paused only when the response has to go through pynetdicom's reader after all.
+The DUL thread writes only A-ASSOCIATE, A-RELEASE and A-ABORT PDUs, under the same write lock,
+so PDUs never interleave. Outside the Data Transfer state
 (Sta6), or when handlers other than pynetdicom's quiet standard ones watch DIMSE or PDU events,
 messages take pynetdicom's own path.
 """
@@ -29,8 +33,8 @@ messages take pynetdicom's own path.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from io import BytesIO
@@ -38,6 +42,7 @@ from typing import Any
 
 import pynetdicom.association
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import evt
@@ -47,10 +52,21 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
 )
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import decode as decode_dataset
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as encode_dataset
+
+from p2pacs.gateway.dimsewire import (
+    COMMAND,
+    LAST,
+    P_DATA_TF,
+    PDU_HEADER,
+    PDV_HEADER,
+    command_set,
+    pdata_frames,
+    plain_store_status,
+    store_request,
+    store_response,
+)
 
 __all__ = [
     "StoredInstance",
@@ -67,12 +83,11 @@ _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 _original_encode = getattr(pynetdicom.association, "encode")  # noqa: B009
 _original_send_c_store = pynetdicom.association.Association.send_c_store
 
-_PDU = struct.Struct(">BBL")  # P-DATA-TF: PDU type 04H, reserved, PDU length (PS3.8 9.3.5)
-_PDV = struct.Struct(">LBB")  # PDV item: item length, presentation context ID, control header
-P_DATA_TF = 0x04
-COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
-MAX_UNLIMITED_PDV = 0xFFFFFFFF - 6  # bytes of one PDV when the peer set no maximum (0)
 IOV_BATCH = 512  # buffers per sendmsg call (Linux IOV_MAX is 1024)
+PAUSE_POLL = 0.0001  # seconds between checks that a reactor has paused (pynetdicom's own)
+
+
+_SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018  # SOP Class / Instance UID
 
 
 class StoredInstance(Dataset):
@@ -88,16 +103,32 @@ class StoredInstance(Dataset):
     ):
         super().__init__()
         ts = UID(transfer_syntax)
-        self.file_meta = FileMetaDataset()
-        self.file_meta.TransferSyntaxUID = ts
-        self.SOPClassUID = UID(sop_class)
-        self.SOPInstanceUID = UID(sop_uid)
+        # by tag, not keyword: one of these is built per sub-operation
+        self[_SOP_CLASS] = DataElement(_SOP_CLASS, "UI", sop_class)
+        self[_SOP_INSTANCE] = DataElement(_SOP_INSTANCE, "UI", sop_uid)
         self.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian)
         self.p2pacs_encoding = (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+        self.p2pacs_ids = (str(sop_class), str(sop_uid), str(transfer_syntax))
+        self.p2pacs_meta: FileMetaDataset | None = None
         self.p2pacs_prefix = prefix
         self.p2pacs_raw = raw
         self.p2pacs_direct = False  # set while a direct writer's send_c_store sends this
         self.p2pacs_deferred = False  # set by _encode: the direct writer sends p2pacs_data
+
+    @property
+    def file_meta(self) -> FileMetaDataset:
+        """Transfer Syntax UID only, made when first read: the direct path never reads it, and
+        a ``FileMetaDataset`` costs ~40 µs to build and set."""
+        meta = self.p2pacs_meta
+        if meta is None:
+            meta = FileMetaDataset()
+            meta.TransferSyntaxUID = UID(self.p2pacs_ids[2])
+            self.p2pacs_meta = meta
+        return meta
+
+    @file_meta.setter
+    def file_meta(self, value: FileMetaDataset) -> None:
+        self.p2pacs_meta = value
 
     @property
     def p2pacs_part10(self) -> tuple[bytes, bytes]:
@@ -133,24 +164,56 @@ def _encode(
     return _original_encode(ds, is_implicit_vr, is_little_endian, deflated)
 
 
-def _send_c_store(self: Any, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+def _send_c_store(  # noqa: PLR0917 (pynetdicom's signature)
+    self: Any,
+    dataset: Any,
+    msg_id: int = 1,
+    priority: int = 2,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> Any:
     """``Association.send_c_store``; a ``StoredInstance`` on an association with direct
-    writes is handed to its writer, which sends the stored chunks as they are."""
+    writes is sent and answered by its writer (``_Writer.store``), or else handed to it inside
+    pynetdicom's own ``send_c_store``, which then sends the stored chunks as they are."""
     if isinstance(dataset, UnreadableInstance):
-        refused = Dataset()
-        refused.Status = CANNOT_SEND
-        return refused
+        return status_dataset(CANNOT_SEND)
+    args = (msg_id, priority, originator_aet, originator_id)
     writer = getattr(self, "p2pacs_writer", None)
     if writer is None or not isinstance(dataset, StoredInstance):
-        return _original_send_c_store(self, dataset, *args, **kwargs)
+        return _original_send_c_store(self, dataset, *args)
+    answered = writer.store(
+        dataset,
+        msg_id=msg_id,
+        priority=priority,
+        originator_aet=originator_aet,
+        originator_id=originator_id,
+    )
+    if answered is not None:
+        return answered
     writer.pending = dataset
     dataset.p2pacs_direct, dataset.p2pacs_deferred = True, False
     try:
-        return _original_send_c_store(self, dataset, *args, **kwargs)
+        return _original_send_c_store(self, dataset, *args)
     finally:
         writer.release_read()
         writer.pending = None
         dataset.p2pacs_direct = dataset.p2pacs_deferred = False
+
+
+def status_dataset(status: int) -> Dataset:
+    """What ``send_c_store`` returns for a response holding only a Status (PS3.7 9.1.1.1.9).
+    One dataset per status value, shared: pynetdicom's C-GET/C-MOVE service, the only caller
+    of ``send_c_store`` on these associations, reads its Status and nothing else, and building
+    a pydicom dataset per sub-operation cost ~25 µs."""
+    ds = _STATUS_DATASETS.get(status)
+    if ds is None:
+        ds = Dataset()
+        ds.Status = status
+        _STATUS_DATASETS[status] = ds
+    return ds
+
+
+_STATUS_DATASETS: dict[int, Dataset] = {}
 
 
 def install() -> None:
@@ -159,150 +222,7 @@ def install() -> None:
     pynetdicom.association.Association.send_c_store = _send_c_store  # type: ignore[method-assign]
 
 
-# --- command sets --------------------------------------------------------------------------
-
-# command set elements of the messages sent for every sub-operation, in tag order, with their
-# tag and VR (PS3.7 E.1); pynetdicom encodes the same elements through pydicom, ~0.1 ms a message
-_US, _UI, _AE = "US", "UI", "AE"
-_ELEMENTS: dict[tuple[type, bool], tuple[int, tuple[tuple[str, int, str], ...]]] = {
-    (C_STORE, False): (
-        0x0001,
-        (
-            ("AffectedSOPClassUID", 0x0002, _UI),
-            ("CommandField", 0x0100, _US),
-            ("MessageID", 0x0110, _US),
-            ("Priority", 0x0700, _US),
-            ("CommandDataSetType", 0x0800, _US),
-            ("AffectedSOPInstanceUID", 0x1000, _UI),
-            ("MoveOriginatorApplicationEntityTitle", 0x1030, _AE),
-            ("MoveOriginatorMessageID", 0x1031, _US),
-        ),
-    ),
-    **{
-        (cls, True): (
-            field,
-            (
-                ("AffectedSOPClassUID", 0x0002, _UI),
-                ("CommandField", 0x0100, _US),
-                ("MessageIDBeingRespondedTo", 0x0120, _US),
-                ("CommandDataSetType", 0x0800, _US),
-                ("Status", 0x0900, _US),
-                ("NumberOfRemainingSuboperations", 0x1020, _US),
-                ("NumberOfCompletedSuboperations", 0x1021, _US),
-                ("NumberOfFailedSuboperations", 0x1022, _US),
-                ("NumberOfWarningSuboperations", 0x1023, _US),
-            ),
-        )
-        for cls, field in ((C_GET, 0x8010), (C_MOVE, 0x8021))
-    },
-}
-_DATASET_OF = {C_STORE: "DataSet", C_GET: "Identifier", C_MOVE: "Identifier"}
-_RARE = ("OffendingElement", "ErrorComment", "ErrorID", "FailedSOPInstanceUIDList")
-_ELEMENT = struct.Struct("<HHL")  # implicit VR little endian: group, element, value length
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<L")
-
-
-def command_set(primitive: Any) -> tuple[bytes, Any] | None:
-    """The encoded command set (implicit VR little endian, PS3.7 6.3.1) of a C-STORE-RQ or a
-    C-GET/C-MOVE-RSP and the data set the message carries (a ``BytesIO`` or None), exactly as
-    pynetdicom encodes them; None for any other message or a rare element (error comment,
-    offending element…), which pynetdicom encodes instead."""
-    spec = _ELEMENTS.get((type(primitive), primitive.MessageIDBeingRespondedTo is not None))
-    if spec is None or any(getattr(primitive, k, None) is not None for k in _RARE):
-        return None
-    field, elements = spec
-    data = getattr(primitive, _DATASET_OF[type(primitive)], None)
-    parts = []
-    for keyword, element, vr in elements:
-        if keyword == "CommandField":
-            value: Any = field
-        elif keyword == "CommandDataSetType":
-            value = 0x0001 if data else 0x0101
-        else:
-            value = getattr(primitive, keyword)
-            if value is None:
-                continue
-        if vr == _US:
-            raw = _U16.pack(value)
-        else:
-            raw = str(value).encode("ascii")
-            if len(raw) % 2:
-                raw += b"\0" if vr == _UI else b" "
-        parts.append(_ELEMENT.pack(0x0000, element, len(raw)) + raw)
-    body = b"".join(parts)
-    return _ELEMENT.pack(0, 0, 4) + _U32.pack(len(body)) + body, data
-
-
-# elements a plain C-STORE-RSP holds: group length, affected SOP class, command field, message
-# ID being responded to, data set type, status, affected SOP instance (PS3.7 9.3.1.2)
-_PLAIN_STORE_RSP = frozenset({0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x1000})
-
-
-def store_response(command: bytes, message_id: int) -> C_STORE | None:
-    """The C-STORE-RSP primitive for the command set ``command`` (implicit VR little endian) if
-    it answers ``message_id`` without a data set; None for anything else (left to pynetdicom)."""
-    fields: dict[int, bytes] = {}
-    pos, end = 0, len(command)
-    while pos + 8 <= end:
-        group, element, length = _ELEMENT.unpack_from(command, pos)
-        pos += 8
-        if group != 0 or pos + length > end:
-            return None
-        fields[element] = command[pos : pos + length]
-        pos += length
-    if pos != end or fields.get(0x0100) != b"\x01\x80" or len(fields.get(0x0900, b"")) != 2:
-        return None
-    if fields.get(0x0120) != _U16.pack(message_id) or fields.get(0x0800) != b"\x01\x01":
-        return None
-    if fields.keys() <= _PLAIN_STORE_RSP:
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = message_id
-        rsp.Status = _U16.unpack(fields[0x0900])[0]
-        return rsp
-    msg = C_STORE_RSP()  # error comment, offending element…: decoded as pynetdicom does
-    msg.command_set = decode_dataset(BytesIO(command), True, True)
-    primitive = msg.message_to_primitive()
-    return primitive if isinstance(primitive, C_STORE) else None
-
-
 # --- direct writes ---------------------------------------------------------------------------
-
-
-def pdata_frames(
-    context_id: int, payload: Sequence[bytes | memoryview], control: int, max_pdu: int
-) -> list[bytes | memoryview]:
-    """P-DATA-TF PDUs carrying ``payload`` (one message's command or data set) as buffers to
-    write in order: per PDU one 12-byte header (PDU and PDV headers) and views of the payload,
-    never a copy. ``control`` is 0 (data) or ``COMMAND``; the last fragment gets ``LAST``.
-    ``max_pdu`` is the peer's maximum PDU length (0: unlimited); each PDV holds at most
-    ``max_pdu - 6`` bytes, as pynetdicom fragments."""
-    limit = max_pdu - 6 if max_pdu else MAX_UNLIMITED_PDV
-    if limit < 1:
-        raise ValueError(f"maximum PDU length {max_pdu} leaves no room for data")
-    fragments: list[tuple[list[memoryview], int]] = []
-    pieces: list[memoryview] = []
-    n = 0
-    for chunk in payload:
-        view = memoryview(chunk)
-        pos, end = 0, len(view)
-        while pos < end:
-            take = min(limit - n, end - pos)
-            pieces.append(view[pos : pos + take])
-            n += take
-            pos += take
-            if n == limit:
-                fragments.append((pieces, n))
-                pieces, n = [], 0
-    if n:
-        fragments.append((pieces, n))
-    out: list[bytes | memoryview] = []
-    last = len(fragments) - 1
-    for i, (parts, size) in enumerate(fragments):
-        flags = control | (LAST if i == last else 0)
-        out.append(_PDU.pack(P_DATA_TF, 0, size + 6) + _PDV.pack(size + 2, context_id, flags))
-        out.extend(parts)
-    return out
 
 
 def _recv_into(sock: Any, buf: bytearray, size: int) -> bool:
@@ -382,6 +302,8 @@ class _Writer:
         assoc.dul._is_transport_event = guarded_is_transport_event
         self._queued_get_msg: Callable[..., Any] = assoc.dimse.get_msg
         assoc.dimse.get_msg = self.get_msg
+        # (SOP class, transfer syntax) -> ID of the accepted context with exactly that syntax
+        self._contexts: dict[tuple[str, str], int | None] = {}
         assoc.p2pacs_writer = self
 
     def _observed(self) -> bool:
@@ -409,6 +331,118 @@ class _Writer:
                 return True
         return False
 
+    def store(
+        self,
+        ds: StoredInstance,
+        *,
+        msg_id: int,
+        priority: int,
+        originator_aet: str | None,
+        originator_id: int | None,
+    ) -> Dataset | None:
+        """One C-STORE sub-operation of ``ds``, sent as stored and answered in this thread;
+        its status as ``send_c_store`` returns it, or None where this path does not apply
+        (observers, a syntax other than the stored one, a message half received…).
+
+        pynetdicom's ``send_c_store`` first pauses the association's reactor and waits until
+        it is paused, because the reactor could otherwise take the response off the DIMSE
+        queue first; its reactor sleeps 1 ms a turn, so on a C-MOVE sub-association each
+        C-STORE waited up to 1 ms for nothing. Here the response never reaches that queue: it
+        is read under ``read_lock``, which keeps the DUL thread from reading meanwhile, so
+        there is nothing for the reactor to take. Only when the response cannot be read here
+        (pushed back for the DUL thread) is the reactor paused, before the DUL thread can
+        see it, and the response awaited as pynetdicom does."""
+        sock = getattr(self.dul.socket, "socket", None)
+        if (
+            not self.active
+            or sock is None
+            or self.dul.state_machine.current_state != "Sta6"
+            or self.dimse.message is not None
+            or not self.dimse.msg_queue.empty()
+            or self._observed()
+            or self._read_observed()
+        ):
+            return None
+        sop_class, sop_uid, ts = ds.p2pacs_ids
+        context_id = self._context(sop_class, ts)
+        if context_id is None:
+            return None
+        command = store_request(
+            sop_class,
+            sop_uid,
+            msg_id,
+            priority=priority,
+            originator_aet=originator_aet,
+            originator_id=originator_id,
+        )
+        max_pdu = int(self.dimse.maximum_pdu_size or 0)
+        frames = pdata_frames(context_id, [command], COMMAND, max_pdu)
+        frames += pdata_frames(context_id, [ds.p2pacs_raw], 0, max_pdu)
+        self.read_lock.acquire()
+        holding = True  # released on every way out, or the DUL thread would never read again
+        try:
+            data = None
+            try:
+                with self.lock:
+                    sendall(sock, frames)
+            except OSError as exc:  # as pynetdicom's AssociationSocket.send: transport closed
+                log.warning("association closed while sending: %s", exc)
+                self.dul.event_queue.put("Evt17")
+            else:
+                data = self._read_command_pdu(context_id)
+            rsp = None
+            if data is not None:
+                status = plain_store_status(memoryview(data)[12:], msg_id)
+                if status is not None:
+                    return status_dataset(status)
+                rsp = store_response(bytes(data[12:]), msg_id)
+                if rsp is None:
+                    self._push(data)
+            if rsp is None:
+                holding = False
+                rsp = self._await_queued()
+                if rsp is None:
+                    self.assoc._handle_no_response()
+                    return Dataset()
+        finally:
+            if holding:
+                self.read_lock.release()
+        status_ds: Dataset = self.assoc._check_received_status(rsp)
+        return status_ds
+
+    def _context(self, sop_class: str, ts: str) -> int | None:
+        """The accepted context (as SCU) for ``sop_class`` with exactly the syntax ``ts``."""
+        key = (sop_class, ts)
+        if key not in self._contexts:
+            found = None
+            for cx in self.assoc.accepted_contexts:
+                if cx.abstract_syntax == sop_class and cx.as_scu and cx.transfer_syntax[0] == ts:
+                    found = int(cx.context_id)
+                    break
+            self._contexts[key] = found
+        return self._contexts[key]
+
+    def _await_queued(self) -> Any:
+        """The response pynetdicom's DUL thread will decode from what was pushed back (or
+        None: closed, timed out). Called holding ``read_lock``: the reactor is paused first,
+        as pynetdicom's ``send_c_store`` pauses it, so it cannot take the response."""
+        assoc = self.assoc
+        # a C-GET's sub-operations run in the association's own thread, its reactor
+        paused_here = threading.current_thread() is not assoc
+        try:
+            if paused_here:
+                assoc._reactor_checkpoint.clear()
+                while not assoc._is_paused:
+                    time.sleep(PAUSE_POLL)
+        finally:
+            self.read_lock.release()
+        try:
+            _, rsp = self._queued_get_msg(True)
+        finally:
+            if paused_here:
+                assoc._reactor_checkpoint.set()
+        return rsp
+
     def get_msg(self, block: bool = False) -> Any:
         """``dimse.get_msg``: the response to a stored instance just sent is read here."""
         awaiting = self.awaiting
@@ -434,31 +468,41 @@ class _Writer:
     def _read_store_response(self, message_id: int, context_id: int) -> C_STORE | None:
         """Read one PDU: the C-STORE-RSP to ``message_id`` in one PDV, or None with what was
         read pushed back for the DUL thread (a C-CANCEL, an A-ABORT, a fragmented command…)."""
+        data = self._read_command_pdu(context_id)
+        if data is None:
+            return None
+        rsp = store_response(bytes(data[12:]), message_id)
+        if rsp is None:
+            self._push(data)
+        return rsp
+
+    def _read_command_pdu(self, context_id: int) -> bytearray | None:
+        """Read one PDU: a P-DATA-TF holding one whole command in one PDV on ``context_id``
+        (returned with its 12 header bytes), or None with what was read pushed back."""
         sock = getattr(self.dul.socket, "socket", None)
         if sock is None:
             return None
         data = bytearray()
         try:
-            if not _recv_into(sock, data, 6):
-                return self._push(data)
-            _, _, length = _PDU.unpack_from(data)
-            if data[0] != P_DATA_TF or length > 0x10000 or not _recv_into(sock, data, 6 + length):
-                return self._push(data)
+            whole = _recv_into(sock, data, 6)
+            if whole:
+                _, _, length = PDU_HEADER.unpack_from(data)
+                whole = data[0] == P_DATA_TF and length <= 0x10000
+                whole = whole and _recv_into(sock, data, 6 + length)
         except OSError:  # timeout or closed: pynetdicom's reader sees it the same way
-            return self._push(data)
-        self.dul._idle_timer.restart()  # as the DUL does for every PDU it reads
-        if length < 6:
-            return self._push(data)
-        item, cx, control = _PDV.unpack_from(data, 6)
-        if item + 4 != length or cx != context_id or control != COMMAND | LAST:
-            return self._push(data)
-        rsp = store_response(bytes(data[12:]), message_id)
-        return rsp if rsp is not None else self._push(data)
-
-    def _push(self, data: bytearray) -> C_STORE | None:
-        """Leave ``data`` for the DUL thread to read; None (no response read here)."""
-        self.pushback += data
+            whole = False
+        if whole:
+            self.dul._idle_timer.restart()  # as the DUL does for every PDU it reads
+            if length >= 6:
+                item, cx, control = PDV_HEADER.unpack_from(data, 6)
+                if item + 4 == length and cx == context_id and control == COMMAND | LAST:
+                    return data
+        self._push(data)
         return None
+
+    def _push(self, data: bytearray) -> None:
+        """Leave ``data`` for the DUL thread to read (no response read here)."""
+        self.pushback += data
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         pending = self.pending

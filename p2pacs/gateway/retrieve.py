@@ -5,16 +5,18 @@ accepted the transfer syntax it was stored in. Otherwise ``p2pacs.dicom.transcod
 syntax the destination accepted for its SOP class (uncompressed first, lossless always; lossy
 JPEG 2000 only with ``[dicom] lossy_transcoding`` and nothing else accepted) and converts a
 copy, which is sent the same way. The stored bytes never change; an instance that cannot be
-converted is a counted sub-operation failure, never a corrupt file.
+converted is a counted sub-operation failure, never a corrupt file. The next instance is read
+and hash-checked in a thread while the current one goes out (``_read_ahead``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -45,6 +47,8 @@ __all__ = ["RetrieveHandlers"]
 install()
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
 MAX_CONTEXTS = 120  # presentation contexts proposed to a C-MOVE destination (128 at most)
 # proposed to a C-MOVE destination beside the stored syntaxes, one context per SOP class, so an
@@ -54,10 +58,13 @@ UNCOMPRESSED_FALLBACK: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLitt
 
 @dataclass
 class _Refused:
-    """Instances of one retrieve that could not be converted: how many, and the first."""
+    """Instances of one retrieve that could not be converted: how many, and the first; and
+    the syntaxes the peer accepted per SOP class, looked up once per retrieve (the accepted
+    contexts do not change while the association is up)."""
 
     count: int = 0
     first: str = ""
+    accepted: dict[str, list[str]] = field(default_factory=dict)
 
 
 class RetrieveHandlers:
@@ -123,34 +130,39 @@ class RetrieveHandlers:
         sender: Callable[[], Any],
         refused: _Refused,
     ) -> Iterator[tuple[int, Any]]:
-        for rec in records:
-            if event.is_cancelled:
-                yield status.CANCEL, None
-                return
-            try:
-                v = rec.current
-                raw = self.archive.blob(v.hash)  # hash-checked; a corrupt blob is repaired
-                stored = StoredInstance(
-                    rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw
-                )
-            except P2PacsError as exc:
-                log.error("cannot send %s: %s", rec.sop_uid, exc)
-                # a failed sub-operation, counted and listed (a None would be skipped)
-                yield status.PENDING, UnreadableInstance(rec.sop_class_uid, rec.sop_uid)
-                continue
-            yield status.PENDING, self._deliverable(stored, sender(), refused)
+        with ThreadPoolExecutor(1, thread_name_prefix="retrieve-read") as reader:
+            for rec, loading in _read_ahead(reader, records, self._load):
+                if event.is_cancelled:
+                    yield status.CANCEL, None
+                    return
+                try:
+                    stored = loading.result()
+                except P2PacsError as exc:
+                    log.error("cannot send %s: %s", rec.sop_uid, exc)
+                    # a failed sub-operation, counted and listed (a None would be skipped)
+                    yield status.PENDING, UnreadableInstance(rec.sop_class_uid, rec.sop_uid)
+                    continue
+                yield status.PENDING, self._deliverable(stored, sender(), refused)
+
+    def _load(self, rec: InstanceRecord) -> StoredInstance:
+        """The stored bytes of ``rec``'s current version, hash-checked (a corrupt blob is
+        repaired first when the site can)."""
+        v = rec.current
+        raw = self.archive.blob(v.hash)
+        return StoredInstance(rec.sop_class_uid, rec.sop_uid, v.transfer_syntax, v.prefix, raw)
 
     def _deliverable(self, stored: StoredInstance, assoc: Any, refused: _Refused) -> Dataset:
         """``stored`` itself if ``assoc`` accepted its syntax, else a converted copy, else an
         ``UnreadableInstance`` (a counted failure)."""
-        ts = str(stored.file_meta.TransferSyntaxUID)
+        sop_class, sop_uid, ts = stored.p2pacs_ids
         if assoc is None:  # no association to look at: pynetdicom reports what it cannot send
             return stored
-        accepted = accepted_syntaxes(assoc, str(stored.SOPClassUID))
+        accepted = refused.accepted.get(sop_class)
+        if accepted is None:
+            accepted = refused.accepted[sop_class] = accepted_syntaxes(assoc, sop_class)
         plan = choose_target(ts, accepted, allow_lossy=self.config.lossy_transcoding)
         if plan is not None and plan.as_stored(ts):
             return stored
-        sop_class, sop_uid = str(stored.SOPClassUID), str(stored.SOPInstanceUID)
         if plan is None:
             why = f"the peer accepted {', '.join(accepted) or 'no syntax'} for its SOP class"
         else:
@@ -227,6 +239,22 @@ class RetrieveHandlers:
         yield len(records)
         with _quiet_reader(event.assoc), sending(event.assoc):
             yield from self._datasets(records, event, lambda: sub.assoc)
+
+
+def _read_ahead(
+    reader: Executor, records: list[_R], load: Callable[[_R], _T]
+) -> Iterator[tuple[_R, Future[_T]]]:
+    """Each record with its ``load`` under way in ``reader``, the next one's started before
+    this one is handed out: while an instance goes out and its C-STORE-RSP is awaited, the
+    next is read from LMDB and hash-checked (one instance ahead, so at most two are held)."""
+    if not records:
+        return
+    upcoming = reader.submit(load, records[0])
+    for i, rec in enumerate(records):
+        current = upcoming
+        if i + 1 < len(records):
+            upcoming = reader.submit(load, records[i + 1])
+        yield rec, current
 
 
 def move_contexts(stored: Iterable[tuple[str, str]]) -> list[PresentationContext]:

@@ -3,9 +3,11 @@ seam to an object store for instance bytes (``store.backend = "s3"``)."""
 
 from __future__ import annotations
 
-from p2pacs.store.blobs import BlobInfo, BlobStore, BlobWrite, hash_bytes, hashed_bytes
+from p2pacs.store.blobs import BlobStore, BlobWrite
 from p2pacs.store.changelog import ChangeLog
 from p2pacs.store.db import SiteDB
+from p2pacs.store.hashing import hash_bytes, hashed_bytes
+from p2pacs.store.layout import BlobInfo
 from p2pacs.store.objects import ObjectStore, object_key
 
 __all__ = [

@@ -1,14 +1,10 @@
 """Content-addressed blob store: blobs by BLAKE3, entries in LMDB, visible only when complete.
 
-Layout (two named sub-databases of the site environment):
-- ``blobs``: raw 32-byte digest -> (size, chunk size). A blob exists iff this entry exists.
-  Chunk size 0 means the bytes live in the site's object store (``store.backend = "s3"``) under
-  ``object_key(prefix, hash)``; otherwise they are in ``chunks``.
-- ``chunks``: digest + 4-byte chunk index -> at most ``chunk_size`` bytes.
-
-A blob's entry is written in the same transaction as its last chunk, so a reader (or a process
-restarted after ``kill -9``) sees either the whole blob or nothing. Chunking lets reads stream
-and byte ranges be served without loading a large blob whole.
+The layout (``blobs``: digest -> size and chunk size; ``chunks``: the bytes) is in ``layout.py``,
+the read side in ``reads.py``, hashing in ``hashing.py``; this module writes. A blob's entry is
+written in the same transaction as its last chunk, so a reader (or a process restarted after
+``kill -9``) sees either the whole blob or nothing. Chunking lets reads stream and byte ranges
+be served without loading a large blob whole.
 
 With an object store, a blob above ``inline_max`` is first PUT (and acknowledged), then its entry
 is committed: a crash between the two leaves an object no entry names (an orphan, removed by
@@ -19,103 +15,35 @@ size; every caller (ingest, fetches from peers, scrub, serving peers) is the sam
 from __future__ import annotations
 
 import asyncio
-import struct
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
-import blake3
 import lmdb
 
 from p2pacs import const
-from p2pacs.errors import BlobNotFoundError, CorruptBlobError, IntegrityError, StoreError
+from p2pacs.errors import CorruptBlobError, IntegrityError, StoreError
 from p2pacs.store.db import SiteDB
+from p2pacs.store.hashing import hash_bytes, new_hasher
+from p2pacs.store.layout import (
+    ENTRY,
+    IN_OBJECTS,
+    chunk_count,
+    chunk_key,
+    digest_of,
+    unpack_entry,
+)
 from p2pacs.store.objects import ObjectStore, hash_of_key, object_key
+from p2pacs.store.reads import BlobReader
 from p2pacs.store.totals import Totals
 
-__all__ = ["BlobInfo", "BlobStore", "BlobWrite", "hash_bytes", "hashed_bytes", "new_hasher"]
+__all__ = ["BlobStore", "BlobWrite"]
 
-_ENTRY = struct.Struct(">QI")  # size in bytes, chunk size in bytes
-_INDEX = struct.Struct(">I")  # chunk number
 _STREAM_WINDOW = 4  # chunk batches in flight during put_stream; bounds memory to a few MiB
-IN_OBJECTS = 0  # the chunk size recorded for a blob whose bytes are in the object store
 _SPOOL = 8 << 20  # bytes of a streamed blob held in memory before it spills to a temporary file
-
-
-_hashed = [0]  # bytes hashed by this process through hash_bytes / new_hasher
-_hashed_lock = threading.Lock()
-
-
-def _counted(n: int) -> None:
-    with _hashed_lock:
-        _hashed[0] += n
-
-
-def hashed_bytes() -> int:
-    """Bytes this process has hashed through ``hash_bytes``/``new_hasher`` (``status`` shows
-    it: the single-pass test checks that a fetched byte is hashed once)."""
-    return _hashed[0]
-
-
-class _CountingHasher:
-    """blake3's incremental hasher, counting the bytes it sees."""
-
-    __slots__ = ("_h",)
-
-    def __init__(self) -> None:
-        self._h = blake3.blake3()
-
-    def update(self, data: bytes | memoryview) -> None:
-        _counted(len(data))
-        self._h.update(data)
-
-    def hexdigest(self) -> str:
-        return str(self._h.hexdigest())
-
-
-def new_hasher() -> _CountingHasher:
-    return _CountingHasher()
-
-
-def hash_bytes(data: bytes | memoryview) -> str:
-    """Hex BLAKE3-256 of ``data``: the address of a blob."""
-    _counted(len(data))
-    return blake3.blake3(data).hexdigest()
-
-
-def _digest(h: str) -> bytes:
-    try:
-        raw = bytes.fromhex(h)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise BlobNotFoundError(f"{h!r} is not a BLAKE3 hash (64 hex characters)")
-    return raw
-
-
-def _chunk_key(digest: bytes, n: int) -> bytes:
-    return digest + _INDEX.pack(n)
-
-
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    hash: str
-    size: int
-    chunk_size: int  # IN_OBJECTS (0): the bytes are in the object store
-
-    @property
-    def in_objects(self) -> bool:
-        return self.chunk_size == IN_OBJECTS
-
-    @property
-    def chunks(self) -> int:
-        if self.in_objects:
-            return 1
-        return max(1, -(-self.size // self.chunk_size))
 
 
 class BlobWrite:
@@ -139,7 +67,7 @@ class BlobWrite:
         """Write the entry (and, for an LMDB blob, its chunks); False if it was stored already."""
         if self.local:
             return self._store.write_in(txn, self.hash, self._data)
-        digest = _digest(self.hash)
+        digest = digest_of(self.hash)
         if txn.get(digest, db=self._store._blobs) is not None:
             return False
         if not self.uploaded:  # it was stored when prepared, and deleted since (a repair)
@@ -154,7 +82,7 @@ class BlobWrite:
                 self._store._unmark(self.hash)
 
 
-class BlobStore:
+class BlobStore(BlobReader):
     """Blobs by content hash. Thread-safe; writes go through the site's single writer."""
 
     def __init__(
@@ -168,11 +96,8 @@ class BlobStore:
     ):
         """``objects``: the site's object store, read wherever an entry points to it;
         ``offload``: new blobs above ``inline_max`` bytes are put there (``backend = "s3"``)."""
-        self._db = db
+        super().__init__(db, objects)
         self.chunk_size = chunk_size
-        self._blobs = db.db("blobs")
-        self._chunks = db.db("chunks")
-        self.objects = objects
         self.offload = offload and objects is not None
         self.inline_max = inline_max
         self._inflight: Counter[str] = Counter()  # object PUTs whose entry is not committed yet
@@ -188,17 +113,6 @@ class BlobStore:
     def goes_out(self, size: int) -> bool:
         """Whether a new blob of ``size`` bytes is put in the object store."""
         return self.offload and size > self.inline_max
-
-    def _objects(self, h: str) -> ObjectStore:
-        if self.objects is None:
-            raise StoreError(
-                f"blob {h[:16]} lives in the object store, but this site's config names none "
-                "(store.s3_bucket): restore the [store] s3_* settings"
-            )
-        return self.objects
-
-    def _key(self, h: str) -> str:
-        return object_key(self._objects(h).prefix, h)
 
     def _unmark(self, h: str) -> None:
         with self._inflight_lock:
@@ -238,13 +152,13 @@ class BlobStore:
 
         ``h`` must be ``hash_bytes(data)``, computed by the caller outside the writer thread.
         """
-        digest = _digest(h)
+        digest = digest_of(h)
         if txn.get(digest, db=self._blobs) is not None:
             return False
         view = memoryview(data)
         size = len(view)
         for n, start in enumerate(range(0, max(size, 1), self.chunk_size)):
-            txn.put(_chunk_key(digest, n), view[start : start + self.chunk_size], db=self._chunks)
+            txn.put(chunk_key(digest, n), view[start : start + self.chunk_size], db=self._chunks)
         self._put_entry(txn, digest, size, self.chunk_size)
         return True
 
@@ -283,7 +197,7 @@ class BlobStore:
         hash, invisible until the final transaction checks the hash and writes the blob entry.
         Raises ``IntegrityError`` (and removes what it wrote) when the bytes don't match.
         """
-        digest = _digest(expected)
+        digest = digest_of(expected)
         if self.has(expected):
             for _ in chunks:
                 pass
@@ -298,7 +212,7 @@ class BlobStore:
 
         def flush(piece: bytes, index: int) -> None:
             def job(txn: lmdb.Transaction) -> None:
-                txn.put(_chunk_key(digest, index), piece, db=self._chunks)
+                txn.put(chunk_key(digest, index), piece, db=self._chunks)
 
             pending.append(self._db.submit(job, weight=len(piece)))
             if len(pending) > _STREAM_WINDOW:
@@ -329,7 +243,7 @@ class BlobStore:
 
         def seal(txn: lmdb.Transaction) -> None:
             for i in range(n):
-                if txn.get(_chunk_key(digest, i), db=self._chunks) is None:
+                if txn.get(chunk_key(digest, i), db=self._chunks) is None:
                     raise StoreError(f"chunk {i} of {expected} is missing; fetch it again")
             self._put_entry(txn, digest, size, self.chunk_size)
 
@@ -360,7 +274,7 @@ class BlobStore:
 
             uploaded = self._upload(expected, put)
         write = BlobWrite(self, expected, b"", local=False, uploaded=uploaded)
-        digest = _digest(expected)
+        digest = digest_of(expected)
 
         def seal(txn: lmdb.Transaction) -> None:
             if txn.get(digest, db=self._blobs) is not None:
@@ -379,27 +293,15 @@ class BlobStore:
         def job(txn: lmdb.Transaction) -> None:
             if txn.get(digest, db=self._blobs) is not None:
                 return
-            for i in range(count):
-                txn.delete(_chunk_key(digest, i), db=self._chunks)
+            self._delete_chunks(txn, digest, count)
 
         self._db.write(job)
 
     def delete(self, h: str) -> bool:
         """Remove a blob (used to replace a corrupt copy); False if it was not stored. An object
         store's copy goes after the entry, so a crash in between leaves an orphan object."""
-        digest = _digest(h)
-
-        def job(txn: lmdb.Transaction) -> int | None:
-            entry = self._delete_entry(txn, digest)
-            if entry is None:
-                return None
-            size, chunk_size = entry
-            if chunk_size != IN_OBJECTS:
-                for i in range(max(1, -(-size // chunk_size))):
-                    txn.delete(_chunk_key(digest, i), db=self._chunks)
-            return int(chunk_size)
-
-        chunk_size: int | None = self._db.write(job)
+        digest = digest_of(h)
+        chunk_size: int | None = self._db.write(lambda txn: self._remove_in(txn, digest))
         if chunk_size == IN_OBJECTS:
             self._drop_object(h)
         return chunk_size is not None
@@ -409,15 +311,18 @@ class BlobStore:
         collecting superseded metadata checks that nothing refers to a blob and removes it in
         one transaction. An object store's copy is left to ``sweep_objects`` (no entry names
         it any more), as after a crash between an entry's removal and its object's."""
-        digest = _digest(h)
+        return self._remove_in(txn, digest_of(h)) is not None
+
+    def _remove_in(self, txn: lmdb.Transaction, digest: bytes) -> int | None:
+        """Remove an entry and its LMDB chunks; its chunk size (``IN_OBJECTS``: its bytes are
+        in the object store), None if there was none."""
         entry = self._delete_entry(txn, digest)
         if entry is None:
-            return False
+            return None
         size, chunk_size = entry
         if chunk_size != IN_OBJECTS:
-            for i in range(max(1, -(-size // chunk_size))):
-                txn.delete(_chunk_key(digest, i), db=self._chunks)
-        return True
+            self._delete_chunks(txn, digest, chunk_count(size, chunk_size))
+        return chunk_size
 
     def _drop_object(self, h: str) -> bool:
         """Delete ``h``'s object unless an entry names it or a PUT of it is in flight (checked
@@ -429,14 +334,6 @@ class BlobStore:
                 return False
             self._objects(h).delete(self._key(h))
             return True
-
-    def _entry(self, h: str) -> BlobInfo | None:
-        with self._db.read() as txn:
-            raw = txn.get(_digest(h), db=self._blobs)
-        if raw is None:
-            return None
-        size, chunk_size = _ENTRY.unpack(raw)
-        return BlobInfo(h, size, chunk_size)
 
     def sweep_objects(
         self, grace: float = const.ORPHAN_GRACE, stop: Callable[[], bool] | None = None
@@ -469,7 +366,7 @@ class BlobStore:
         if info.in_objects == to_objects:
             return False
         data = self.get(h)  # hash-checked
-        digest = _digest(h)
+        digest = digest_of(h)
         if to_objects:
             objects = self._objects(h)
             with self._inflight_lock:
@@ -484,11 +381,10 @@ class BlobStore:
 
                 def switch(txn: lmdb.Transaction) -> None:
                     raw = txn.get(digest, db=self._blobs)
-                    if raw is None or _ENTRY.unpack(raw)[1] == IN_OBJECTS:
+                    if raw is None or unpack_entry(raw)[1] == IN_OBJECTS:
                         return
                     self._put_entry(txn, digest, info.size, IN_OBJECTS)
-                    for i in range(info.chunks):
-                        txn.delete(_chunk_key(digest, i), db=self._chunks)
+                    self._delete_chunks(txn, digest, info.chunks)
 
                 self._db.write(switch, weight=info.size)
             finally:
@@ -497,7 +393,7 @@ class BlobStore:
 
         def back(txn: lmdb.Transaction) -> None:
             raw = txn.get(digest, db=self._blobs)
-            if raw is None or _ENTRY.unpack(raw)[1] != IN_OBJECTS:
+            if raw is None or unpack_entry(raw)[1] != IN_OBJECTS:
                 return
             self._delete_entry(txn, digest)
             self.write_in(txn, h, data)
@@ -506,10 +402,8 @@ class BlobStore:
         if not self.verify_blob(h):  # read back from LMDB: point at the object again
 
             def undo(txn: lmdb.Transaction) -> None:
-                size, chunk_size = info.size, self.chunk_size
-                for i in range(max(1, -(-size // chunk_size))):
-                    txn.delete(_chunk_key(digest, i), db=self._chunks)
-                self._put_entry(txn, digest, size, IN_OBJECTS)
+                self._delete_chunks(txn, digest, chunk_count(info.size, self.chunk_size))
+                self._put_entry(txn, digest, info.size, IN_OBJECTS)
 
             self._db.write(undo)
             raise CorruptBlobError(f"blob {h[:16]} reads back wrong from LMDB; left in place")
@@ -531,113 +425,6 @@ class BlobStore:
 
         return self._db.write(job)
 
-    # --- reading -------------------------------------------------------------------------------
-
-    def info(self, h: str) -> BlobInfo:
-        digest = _digest(h)
-        with self._db.read() as txn:
-            raw = txn.get(digest, db=self._blobs)
-        if raw is None:
-            raise BlobNotFoundError(f"blob {h} is not stored at this site")
-        size, chunk_size = _ENTRY.unpack(raw)
-        return BlobInfo(h, size, chunk_size)
-
-    def has_in(self, txn: lmdb.Transaction, h: str) -> bool:
-        """``has`` inside an open transaction (a write job checking what it indexes)."""
-        return txn.get(_digest(h), db=self._blobs) is not None
-
-    def has(self, h: str) -> bool:
-        try:
-            digest = _digest(h)
-        except BlobNotFoundError:
-            return False
-        with self._db.read() as txn:
-            return txn.get(digest, db=self._blobs) is not None
-
-    def sizes(self, hashes: Iterable[str]) -> dict[str, int]:
-        """Size of each of ``hashes`` stored here (absent ones left out), one read transaction."""
-        out = {}
-        with self._db.read() as txn:
-            for h in hashes:
-                raw = txn.get(_digest(h), db=self._blobs)
-                if raw is not None:
-                    out[h] = _ENTRY.unpack(raw)[0]
-        return out
-
-    def missing(self, hashes: Iterable[str]) -> list[str]:
-        """The hashes of ``hashes`` not stored here, in order (one read transaction)."""
-        out = []
-        with self._db.read() as txn:
-            for h in hashes:
-                if txn.get(_digest(h), db=self._blobs) is None:
-                    out.append(h)
-        return out
-
-    def read_range(self, h: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        """Stream bytes ``[start, end)`` of a blob chunk by chunk (each read is its own txn, or
-        one ranged GET from the object store). Blocks on the object store: call it off the
-        event loop."""
-        info = self.info(h)
-        digest = bytes.fromhex(h)
-        end = info.size if end is None else min(end, info.size)
-        if start < 0 or start > end:
-            raise StoreError(f"invalid range {start}-{end} for blob {h} of {info.size} bytes")
-        if info.in_objects:
-            yield from self._objects(h).read_range(self._key(h), start, end)
-            return
-        pos = start
-        while pos < end:
-            n, offset = divmod(pos, info.chunk_size)
-            with self._db.read() as txn:
-                chunk = txn.get(_chunk_key(digest, n), db=self._chunks)
-                if chunk is None:
-                    raise CorruptBlobError(f"blob {h} is missing chunk {n}; repair it from a peer")
-                piece = bytes(chunk[offset : offset + (end - pos)])
-            if not piece:
-                raise CorruptBlobError(f"blob {h} is shorter than its recorded size; repair it")
-            pos += len(piece)
-            yield piece
-
-    def get(self, h: str, *, verify: bool = True) -> bytes:
-        """The whole blob. With ``verify`` (default) a blob that no longer matches its hash
-        raises ``CorruptBlobError`` instead of being returned."""
-        if not verify:
-            return b"".join(self.read_range(h))
-        hasher = new_hasher()  # hashed while it streams in
-        pieces = []
-        for piece in self.read_range(h):
-            hasher.update(piece)
-            pieces.append(piece)
-        if hasher.hexdigest() != h:
-            raise CorruptBlobError(f"blob {h} fails its hash check; repair it from a peer")
-        return b"".join(pieces)
-
-    def verify_blob(self, h: str) -> bool:
-        hasher = new_hasher()
-        try:
-            for piece in self.read_range(h):
-                hasher.update(piece)
-        except CorruptBlobError:
-            return False
-        return hasher.hexdigest() == h
-
-    def hashes(self) -> Iterator[str]:
-        """Every stored blob's hash, in hash order."""
-        with self._db.read() as txn:
-            keys = [bytes(k) for k in txn.cursor(db=self._blobs).iternext(keys=True, values=False)]
-        for key in keys:
-            yield key.hex()
-
-    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
-        """Re-hash every blob; return the hashes that no longer match (for repair)."""
-        bad = []
-        for h in self.hashes():
-            if not self.verify_blob(h):
-                bad.append(h)
-            if progress is not None:
-                progress(self.info(h).size if h not in bad else 0)
-        return bad
-
     def totals(self) -> tuple[int, int]:
         """(number of blobs, total bytes): two counters kept with every entry written or
         removed, so ``status`` and every metrics scrape cost the same at any archive size. An
@@ -654,7 +441,7 @@ class BlobStore:
             blobs = total = 0
             for raw in txn.cursor(db=self._blobs).iternext(keys=False, values=True):
                 blobs += 1
-                total += _ENTRY.unpack(raw)[0]
+                total += unpack_entry(raw)[0]
             self._totals.start(txn, blobs, total)
             return blobs, total
 
@@ -664,11 +451,15 @@ class BlobStore:
 
     def _put_entry(self, txn: lmdb.Transaction, digest: bytes, size: int, where: int) -> None:
         old = txn.get(digest, db=self._blobs)
-        txn.put(digest, _ENTRY.pack(size, where), db=self._blobs)
+        txn.put(digest, ENTRY.pack(size, where), db=self._blobs)
         if old is None:
             self._totals.add(txn, 1, size)
         else:
-            self._totals.add(txn, 0, size - _ENTRY.unpack(old)[0])
+            self._totals.add(txn, 0, size - unpack_entry(old)[0])
+
+    def _delete_chunks(self, txn: lmdb.Transaction, digest: bytes, count: int) -> None:
+        for i in range(count):
+            txn.delete(chunk_key(digest, i), db=self._chunks)
 
     def _delete_entry(self, txn: lmdb.Transaction, digest: bytes) -> tuple[int, int] | None:
         """Remove an entry; its (size, chunk size or IN_OBJECTS), None if there was none."""
@@ -676,6 +467,6 @@ class BlobStore:
         if raw is None:
             return None
         txn.delete(digest, db=self._blobs)
-        size, where = _ENTRY.unpack(raw)
+        size, where = unpack_entry(raw)
         self._totals.add(txn, -1, -size)
-        return int(size), int(where)
+        return size, where

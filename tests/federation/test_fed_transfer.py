@@ -17,7 +17,7 @@ import pytest
 from dht.membership import FederationCA, create_federation
 from p2pacs.errors import PeerUnavailableError
 from p2pacs.store import BlobStore, hash_bytes
-from p2pacs.store.blobs import _chunk_key, _digest
+from p2pacs.store.layout import chunk_key, digest_of
 from p2pacs.transfer import Peer, PeerClient, TransferServer
 from p2pacs.transfer.client import SMALL_BLOB
 from p2pacs.transfer.server import BATCH_FRAME, MAX_BATCH
@@ -241,7 +241,7 @@ async def test_client_checks_the_server_is_the_site_it_meant(
 
 def _corrupt_chunk(blobs: BlobStore, h: str, n: int) -> None:
     """Flip bytes of a stored chunk behind the store's back (disk rot), straight through LMDB."""
-    key = _chunk_key(_digest(h), n)
+    key = chunk_key(digest_of(h), n)
 
     def job(txn: object) -> None:
         chunk = bytearray(txn.get(key, db=blobs._chunks))  # type: ignore[attr-defined]

@@ -25,9 +25,9 @@ from pynetdicom.dsutils import encode
 from p2pacs.archive import Archive
 from p2pacs.dicom.scu import association_handlers
 from p2pacs.dicom.uids import STUDY_ROOT_GET, STUDY_ROOT_MOVE
-from p2pacs.gateway.rawsend import command_set, pdata_frames, store_response
+from p2pacs.gateway.dimsewire import command_set, pdata_frames, store_response
 from p2pacs.samples import generate_instances
-from p2pacs.store.blobs import _chunk_key, _digest
+from p2pacs.store.layout import chunk_key, digest_of
 
 from gw_helpers import (
     AET,
@@ -193,7 +193,7 @@ def test_multichunk_blob_byte_identical_over_get_and_move(
 
 def _corrupt(archive: Archive, h: str, n: int = 1) -> bytes:
     """Flip one byte of chunk ``n`` of blob ``h``; returns the good chunk."""
-    key = _chunk_key(_digest(h), n)
+    key = chunk_key(digest_of(h), n)
     chunks = archive.blobs._chunks  # type: ignore[attr-defined]
     with archive.db.env.begin(write=True) as txn:
         good = bytes(txn.get(key, db=chunks))
@@ -227,7 +227,7 @@ def test_corrupt_blob_is_never_sent_and_is_sent_once_repaired(
         repaired: list[str] = []
 
         def repair(blob: str) -> bool:  # as a federation's hook: put the good bytes back
-            key = _chunk_key(_digest(blob), 1)
+            key = chunk_key(digest_of(blob), 1)
             with archive.db.env.begin(write=True) as txn:
                 txn.put(key, good_chunk, db=archive.blobs._chunks)  # type: ignore[attr-defined]
             repaired.append(blob)
