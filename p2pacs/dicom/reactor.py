@@ -29,8 +29,9 @@ its two threads ~2,000 times a second (10,000 with the 0.1 ms DUL delay p2pacs u
 **Direct writes** (``gateway.rawsend``): while a sending thread reads a C-STORE response itself
 it holds the writer's ``read_lock``, and what it reads that is not its response goes to the
 writer's ``pushback`` for the DUL thread. The DUL thread does not sleep while bytes are pushed
-back, and waits at most ``HANDOFF_WAIT`` while the lock is held, so a pushed-back C-CANCEL or
-A-ABORT is handled as soon as it was before (pynetdicom's own 1 ms poll).
+back; while the lock is held it does not watch the socket (what arrives is the sender's to
+read) and looks again every ``HANDOFF_WAIT``, so a pushed-back C-CANCEL or A-ABORT is handled
+as soon as it was before (pynetdicom's own 1 ms poll).
 
 The bounded timeouts keep a lost wake-up (a path of pynetdicom's this module does not know of)
 a delay, never a hang.
@@ -184,16 +185,20 @@ def _dul_wait(dul: Any, wakeup: _Wakeup) -> None:
     artim = _timer_left(dul.artim_timer)
     if artim is not None:
         timeout = min(timeout, artim)
+    transport = dul.socket
+    sock = getattr(transport, "socket", None) if transport is not None else None
+    if sock is not None and not getattr(transport, "_is_connected", False):
+        sock = None
     writer = getattr(dul.assoc, "p2pacs_writer", None)
     if writer is not None:
         if writer.pushback:
             return
         if writer.read_lock.locked():
+            # the sending thread reads what arrives now: waking on it would only wait for
+            # that thread's lock, at the very moment it needs the interpreter (measured: 4
+            # concurrent C-GETs ~25 % slower); look for pushed-back bytes every HANDOFF_WAIT
             timeout = min(timeout, HANDOFF_WAIT)
-    transport = dul.socket
-    sock = getattr(transport, "socket", None) if transport is not None else None
-    if sock is not None and not getattr(transport, "_is_connected", False):
-        sock = None
+            sock = None
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return
     wakeup.sleeping = True
