@@ -97,6 +97,9 @@ class _Wakeup:
         if fd >= 0:
             os.close(fd)
 
+    def __del__(self) -> None:  # a DUL whose thread never ran (the association failed first)
+        self.close()
+
 
 class _SignallingQueue(queue.Queue[Any]):
     """A ``queue.Queue`` that calls ``signal`` after every put (pynetdicom's threads put from

@@ -8,7 +8,10 @@ not as a delay that passes unnoticed.
 from __future__ import annotations
 
 import datetime
+import gc
 import ipaddress
+import os
+import socket
 import ssl
 import threading
 import time
@@ -235,3 +238,22 @@ def test_tls_responses_buffered_by_ssl_are_read(tls_find_scp: tuple[int, ssl.SSL
             assert got == [f"1.2.3.{i}" for i in range(MATCHES)]
     finally:
         assoc.release()
+
+
+def test_failed_associations_leave_no_descriptor_behind() -> None:
+    # each DUL gets an eventfd; one whose association fails (nothing listens) must close it too
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    ae = AE(ae_title="NOBODY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT
+    ae.add_requested_context(Verification)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assoc = ae.associate("127.0.0.1", port, evt_handlers=association_handlers())
+        assert not assoc.is_established
+        assert _wait_until(lambda a=assoc: not a.dul.is_alive(), ENDED)  # type: ignore[misc]
+    del assoc
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before
