@@ -28,6 +28,10 @@ between the two servers (checked; a difference is reported as ``match_mismatch``
 The same query lists also go through ``DicomIndex.find`` in this process afterwards
 (``p2pacs_index_api``: the index's share), and ``floors`` holds, per server, echoscu, an
 association + C-ECHO and a C-ECHO on an open association through the in-process SCU.
+``--baseline-src DIR`` serves the same archive with another source tree's p2pacs as well
+(``p2pacs_base``, through the same client: a before/after in one run; its ratios under
+``cfind_ratio_vs_orthanc_baseline``). ``--reuse DIR`` keeps both loaded servers' data in DIR and
+skips loading when DIR already holds the corpus asked for.
 ``--context-fix`` serves the archive a second time with a proposed gateway change
 (``SharedUIDContexts``, below), measured beside the gateway as shipped (``p2pacs_ctxfix``).
 
@@ -171,23 +175,32 @@ def load_p2pacs(path: Path, corpus: Corpus, size: int) -> tuple[float, list[byte
 
 
 @contextmanager
-def p2pacs_server(path: Path, log_path: Path, context_fix: bool = False) -> Iterator[Server]:
-    """The archive served by a Gateway in a child process (this script with ``--serve``)."""
+def p2pacs_server(
+    path: Path, log_path: Path, context_fix: bool = False, baseline: Path | None = None
+) -> Iterator[Server]:
+    """The archive served by a Gateway in a child process (this script with ``--serve``; with
+    ``baseline``, that source tree's copy of it, running that tree's p2pacs)."""
     log = log_path.open("wb")
     fix = ["--context-fix"] if context_fix else []
+    script, env = Path(__file__).resolve(), None
+    if baseline is not None:
+        script = baseline / "bench" / Path(__file__).name
+        env = {**os.environ, "PYTHONPATH": str(baseline)}
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve", str(path), *fix],
+        [sys.executable, str(script), "--serve", str(path), *fix],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
+        cwd=baseline,
+        env=env,
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("ready "):
             raise RuntimeError(f"the p2pacs gateway did not start ({line!r}); see {log_path}")
-        name = "p2pacs_ctxfix" if context_fix else "p2pacs"
+        name = "p2pacs_base" if baseline else "p2pacs_ctxfix" if context_fix else "p2pacs"
         yield Server(name, "P2PACS", int(line.split()[1]), proc.pid)
     finally:
         if proc.stdin is not None:
@@ -238,7 +251,7 @@ def serve(path: Path, context_fix: bool) -> None:
 
 @contextmanager
 def orthanc_server(work: Path) -> Iterator[tuple[Server, str, subprocess.Popen[Any]]]:
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)  # an existing one: ``--reuse``
     port, http = free_tcp_port(), free_tcp_port()
     config = {
         "Name": "bench",
@@ -633,21 +646,37 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     size = args.orthanc_size
     corpus = Corpus(size, args.per_study)
     report: dict[str, Any] = {"instances": size, "load_avg_start": os.getloadavg()}
-    p2_secs, datasets = load_p2pacs(work / "site.lmdb", corpus, size)
+    marker = work / "loaded.json"  # ``--reuse``: both servers already hold this corpus
+    loaded = {"instances": size, "per_study": args.per_study}
+    reuse = marker.exists() and json.loads(marker.read_text()) == loaded
+    if reuse:
+        stream = corpus.instances()  # the same corpus again, for the query lists
+        for _ in range(size):
+            next(stream)
+        datasets: list[bytes] = []
+        report["p2pacs_load"] = report["orthanc_load"] = {"reused": str(work)}
+    else:
+        p2_secs, datasets = load_p2pacs(work / "site.lmdb", corpus, size)
+        report["p2pacs_load"] = {
+            "s": round(p2_secs, 1),
+            "inst_per_s": round(size / p2_secs, 1),
+            "how": "Archive.submit in this process, 1,024 in flight",
+        }
+        print(f"# p2pacs loaded in {p2_secs:.1f} s", file=sys.stderr, flush=True)
     report["studies"] = len(corpus.studies)
-    report["p2pacs_load"] = {"s": round(p2_secs, 1), "inst_per_s": round(size / p2_secs, 1),
-                             "how": "Archive.submit in this process, 1,024 in flight"}  # fmt: skip
-    print(f"# p2pacs loaded in {p2_secs:.1f} s", file=sys.stderr, flush=True)
     with orthanc_server(work / "orthanc") as (orthanc, http, _proc):
-        secs = load_orthanc(http, datasets, args.clients)
+        if not reuse:
+            secs = load_orthanc(http, datasets, args.clients)
+            report["orthanc_load"] = {
+                "s": round(secs, 1), "inst_per_s": round(size / secs, 1),
+                "how": f"REST POST /instances, {args.clients} keep-alive HTTP clients (threads)",
+            }  # fmt: skip
+            print(f"# Orthanc loaded in {secs:.1f} s", file=sys.stderr, flush=True)
         held = orthanc_count(http)
         if held != size:
             raise RuntimeError(f"Orthanc holds {held} instances, not {size}")
-        report["orthanc_load"] = {
-            "s": round(secs, 1), "inst_per_s": round(size / secs, 1),
-            "how": f"REST POST /instances, {args.clients} keep-alive HTTP clients (threads)",
-        }  # fmt: skip
-        print(f"# Orthanc loaded in {secs:.1f} s", file=sys.stderr, flush=True)
+        if not reuse:
+            marker.write_text(json.dumps(loaded))
         del datasets
         lists = query_lists(corpus, args.queries, args.seed)
         with ExitStack() as stack:
@@ -656,6 +685,13 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 servers.append(
                     stack.enter_context(
                         p2pacs_server(work / "site.lmdb", work / "gw-fix.log", context_fix=True)
+                    )
+                )
+            if args.baseline_src is not None:
+                base = args.baseline_src.resolve()
+                servers.append(
+                    stack.enter_context(
+                        p2pacs_server(work / "site.lmdb", work / "gw-base.log", baseline=base)
                     )
                 )
             report["load_avg_queries_start"] = os.getloadavg()
@@ -676,6 +712,9 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         report["target_3x_met_with_context_fix"] = {
             k: v is not None and v >= 3.0 for k, v in fixed["scu_assoc"].items()
         }
+    if args.baseline_src is not None:
+        report["baseline_src"] = str(args.baseline_src)
+        report["cfind_ratio_vs_orthanc_baseline"] = ratios(res, names, "p2pacs_base")
     return report
 
 
@@ -688,6 +727,20 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="HTTP clients loading Orthanc")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="keep both loaded servers' data in this folder and load them only if it does not "
+        "hold this corpus yet (a second run skips the loading)",
+    )
+    ap.add_argument(
+        "--baseline-src",
+        type=Path,
+        default=None,
+        help="also serve the archive with this source tree's p2pacs (e.g. `git archive main` "
+        "unpacked), measured beside as p2pacs_base: a before/after in one run",
+    )
     ap.add_argument("--no-netns", action="store_true", help="stay in this network namespace")
     ap.add_argument(
         "--context-fix",
@@ -713,11 +766,15 @@ def main() -> None:
         finally:
             subprocess.run(["ip", "netns", "del", ns], check=False)
         sys.exit(rc)
-    work = Path(tempfile.mkdtemp(prefix="p2pacs-cfind-", dir=args.dir))
-    try:
-        report = bench(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.reuse is not None:
+        args.reuse.mkdir(parents=True, exist_ok=True)
+        report = bench(args, args.reuse.resolve())
+    else:
+        work = Path(tempfile.mkdtemp(prefix="p2pacs-cfind-", dir=args.dir))
+        try:
+            report = bench(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report))
 
 

@@ -16,6 +16,7 @@ from pynetdicom import evt
 
 from p2pacs.events import AssociationEvent, DicomRequest, EventBus, TransferBegun
 from p2pacs.gateway import status
+from p2pacs.gateway.find import FindAnswers
 from p2pacs.gateway.rawsend import UnreadableInstance
 
 __all__ = ["association_observers", "identifier_keys", "observed"]
@@ -65,11 +66,16 @@ def _watch(bus: EventBus, service: str, event: evt.Event, items: Iterator[Any]) 
         identifier = None
     final = status.SUCCESS
     sent = failed = 0
+    # C-FIND: pending responses the handler wrote itself (``find._DirectResponses``)
+    answers = items if isinstance(items, FindAnswers) else None
+    if answers is not None:
+        answers.on_first_direct = lambda: _begun(bus, service, event, identifier)
     try:
         for item in items:
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
                 code, payload = item
-                if code in PENDING and payload is not None and not sent + failed:
+                direct = answers.direct if answers is not None else 0
+                if code in PENDING and payload is not None and not sent + failed + direct:
                     _begun(bus, service, event, identifier)  # the first instance goes out
                 if code in PENDING:
                     if payload is not None and service != "C-FIND":
@@ -88,6 +94,8 @@ def _watch(bus: EventBus, service: str, event: evt.Event, items: Iterator[Any]) 
         close = getattr(items, "close", None)
         if close is not None:
             close()
+        if answers is not None:
+            sent += answers.direct
         if final == status.SUCCESS and failed and service != "C-FIND":
             # pynetdicom derives the final status from the sub-operations (PS3.4 C.4.2.1.5)
             final = status.WARNING_SUBOPS_FAILED if sent else status.OUT_OF_RESOURCES_SUBOPS

@@ -8,6 +8,7 @@ query must return is worked out here from the files' own headers, independently 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from p2pacs.dicom import LEVEL_KEYS
 from p2pacs.dicom.scu import store_files
 from p2pacs.dicom.uids import PATIENT_ROOT_FIND, STUDY_ROOT_FIND
 from p2pacs.gateway import Gateway
+from p2pacs.gateway import find as find_module
 from p2pacs.samples import generate_instances
 
 from gw_helpers import AET, associate, find, header, identifier, make_gateway, running_gateway
@@ -34,6 +36,7 @@ UNIQUE = {
 }
 ALWAYS = {"QueryRetrieveLevel", "SpecificCharacterSet"}  # present besides the requested keys
 CANCEL_STUDY_SIZE = 400  # instances in the study the C-CANCEL test queries
+CANCEL_WAIT = 20.0  # seconds the C-CANCEL test's walk waits for the gateway to see the cancel
 
 
 @dataclass
@@ -294,15 +297,40 @@ def test_patient_root_all_levels(corpus: Corpus) -> None:
 # every IMAGE-level key the index keeps: each response costs the SCP more to build, so the
 # C-CANCEL reaches it while it is still answering
 IMAGE_KEYS = {kw: "" for level in LEVEL_KEYS.values() for kw in level}
+# text keys only: answered by ``find._DirectResponses`` (IMAGE_KEYS has binary ones: pynetdicom)
+TEXT_KEYS = {"SOPInstanceUID": "", "SOPClassUID": "", "InstanceNumber": "", "PatientID": ""}
 
 
-def test_c_cancel_stops_a_find(corpus: Corpus) -> None:
+@pytest.mark.parametrize("keys", [IMAGE_KEYS, TEXT_KEYS], ids=["pynetdicom", "direct"])
+def test_c_cancel_stops_a_find(
+    corpus: Corpus, keys: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """C-CANCEL is honoured: sent as soon as the first pending response arrives (from the SCU's
     DUL thread, pynetdicom drops a cancel that arrives before the SCP starts the service), the
     SCP stops early with 0xFE00; the association stays usable and the same query without a
-    cancel returns every match."""
+    cancel returns every match. Both ways responses are sent: pynetdicom's and direct. The first
+    query's index walk holds its second record until the gateway has seen the C-CANCEL: direct
+    responses are fast enough to send all 400 before a loaded machine delivers it."""
+    index = corpus.gateway.archive.index
+    real_find = index.find
+    walks: list[int] = []
+
+    def find_held(level: Any, query: Any, cancelled: Any = None) -> Iterator[Any]:
+        records = real_find(level, query, cancelled)
+        walks.append(1)
+        try:
+            for i, record in enumerate(records):
+                if i == 1 and len(walks) == 1 and cancelled is not None:
+                    deadline = time.monotonic() + CANCEL_WAIT
+                    while not cancelled() and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                yield record
+        finally:
+            records.close()
+
+    monkeypatch.setattr(index, "find", find_held)
     query = identifier(
-        **{**IMAGE_KEYS, "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": corpus.big_study}
+        **{**keys, "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": corpus.big_study}
     )
     cancelled = threading.Event()
 
@@ -322,7 +350,7 @@ def test_c_cancel_stops_a_find(corpus: Corpus) -> None:
         assoc.release()
     assert cancelled.is_set()
     assert statuses[-1] == 0xFE00
-    assert 1 <= statuses.count(0xFF00) < CANCEL_STUDY_SIZE
+    assert statuses.count(0xFF00) == 1  # the walk stopped at the record after the cancel
     assert full.count(0xFF00) == CANCEL_STUDY_SIZE and full[-1] == 0x0000
 
 
@@ -351,3 +379,29 @@ def test_find_results_follow_new_instances(gw_archive: Archive, tmp_path: Path) 
             )
             assert final == 0 and [str(d.StudyInstanceUID) for d in results] == [uid]
             assert int(results[0].NumberOfStudyRelatedInstances) == n
+
+
+def test_many_matches_are_written_directly(corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pending responses of a many-match query go out through the handler's own writes
+    (``find._DirectResponses``: the first at once, then in batches), every match once, each
+    identifier as pydicom would have encoded it (decoded here by pynetdicom's SCU)."""
+    writes: list[int] = []
+    real = find_module.sendall
+
+    def counted(sock: Any, buffers: list[Any]) -> None:
+        writes.append(len(buffers))
+        real(sock, buffers)
+
+    monkeypatch.setattr(find_module, "sendall", counted)
+    want = corpus.expect("IMAGE", lambda h: str(h.StudyInstanceUID) == corpus.big_study)
+    results = _check(
+        corpus,
+        STUDY_ROOT_FIND,
+        "IMAGE",
+        {**TEXT_KEYS, "StudyInstanceUID": corpus.big_study},
+        want,
+    )
+    assert len(results) == CANCEL_STUDY_SIZE
+    batches = 1 + -(-(CANCEL_STUDY_SIZE - 1) // find_module.BATCH_RESPONSES)
+    assert len(writes) >= batches  # (a batch is also cut at BATCH_BYTES)
+    assert sum(writes) >= 4 * CANCEL_STUDY_SIZE  # two PDUs of two buffers per response
