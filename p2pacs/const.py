@@ -20,10 +20,9 @@ DEFAULT_TRANSFER_PORT = 11180  # HTTPS peer-transfer API
 DEFAULT_DHT_PORT = 11190  # UDP Kademlia
 DEFAULT_REPLICATION = 2  # R: sites holding every study (design.md)
 DEFAULT_MAX_PDU = 0  # 0 = unlimited; pynetdicom's fastest setting for large instances
-DUL_POLL_DELAY = 0.0001  # seconds pynetdicom's DUL thread sleeps when idle (its default: 1 ms)
-# seconds the DUL threads sleep when idle while C-GET/C-MOVE sub-operations are sent (the sending
-# thread reads the responses itself meanwhile): pynetdicom's default; C-CANCEL is seen within it
-RETRIEVE_POLL_DELAY = 0.001
+# seconds pynetdicom's polling DUL thread sleeps when idle (its default: 1 ms); p2pacs's own
+# associations wait on events instead (dicom/reactor.py): only the bench's bare-pynetdicom baseline
+DUL_POLL_DELAY = 0.0001
 
 RECORD_TTL = 48 * 3600.0  # seconds a DHT record lives unless republished (libp2p's 48 h)
 DHT_CAPACITY = 4 << 30  # bytes: ~3 M DHT records of ~1.3 KB held for the federation (sparse)

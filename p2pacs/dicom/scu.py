@@ -19,7 +19,7 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 
-from p2pacs.dicom import reactor
+from p2pacs.dicom import loghandlers, reactor
 from p2pacs.dicom.uids import STUDY_ROOT_GET
 from p2pacs.errors import InvalidDicomError, PeerUnavailableError
 
@@ -28,6 +28,7 @@ __all__ = ["StoreReport", "association_handlers", "get_study", "read_context", "
 log = logging.getLogger(__name__)
 
 reactor.install()  # every association p2pacs makes or accepts waits on events, never polls
+loghandlers.install()  # pynetdicom formats its log records only when they would be shown
 
 MAX_CONTEXTS = 120  # an association may carry 128 presentation contexts; keep a margin
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}  # PS3.4 C-STORE statuses

@@ -577,8 +577,8 @@ def direct_writes(event: evt.Event) -> None:
 
 def direct_writes_when_sending(event: evt.Event) -> None:
     """``EVT_ESTABLISHED`` handler: prepare direct writes, used only inside ``sending``
-    (the gateway's associations: C-FIND responses keep pynetdicom's queue, whose depth is
-    how the C-FIND handler notices a slow reader, see ``find.MAX_QUEUED``)."""
+    (the gateway's associations, for C-GET/C-MOVE sub-operations; C-FIND's direct responses
+    take the writer's lock themselves, ``find._DirectResponses``)."""
     assoc = event.assoc
     if getattr(assoc, "p2pacs_writer", None) is None and assoc.dul.socket is not None:
         _Writer(assoc, active=False)

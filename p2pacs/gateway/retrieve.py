@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,7 +22,6 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
-from p2pacs import const
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig, parse_hostport
 from p2pacs.dicom import Level, build_prefix
@@ -196,7 +194,7 @@ class RetrieveHandlers:
             return
         records = self._matches(unique)
         yield len(records)
-        with _quiet_reader(event.assoc), sending(event.assoc):
+        with sending(event.assoc):
             yield from self._datasets(records, event, lambda: event.assoc)
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -237,7 +235,7 @@ class RetrieveHandlers:
         contexts = move_contexts((r.sop_class_uid, r.current.transfer_syntax) for r in records)
         yield (*address, _association(contexts, max_pdu=self.config.max_pdu, established=sub))
         yield len(records)
-        with _quiet_reader(event.assoc), sending(event.assoc):
+        with sending(event.assoc):
             yield from self._datasets(records, event, lambda: sub.assoc)
 
 
@@ -296,29 +294,6 @@ class _Established:
         self.assoc = event.assoc
 
 
-@contextmanager
-def _quiet_reader(assoc: Any) -> Iterator[None]:
-    """While sub-operations are sent, poll the requestor's association less often: only a
-    C-CANCEL or an A-ABORT can come from it, and each idle poll of pynetdicom's DUL thread costs
-    CPU (every 0.1 ms, ``const.DUL_POLL_DELAY``: ~0.1-0.2 of a core) that the sender needs."""
-    dul = getattr(assoc, "dul", None)
-    before = getattr(dul, "_run_loop_delay", None)
-    if dul is None or before is None or before >= const.RETRIEVE_POLL_DELAY:
-        yield
-        return
-    dul._run_loop_delay = const.RETRIEVE_POLL_DELAY
-    try:
-        yield
-    finally:
-        dul._run_loop_delay = before
-
-
-def _slow_poll(event: evt.Event) -> None:
-    """EVT_ESTABLISHED on a C-MOVE sub-association: the sending thread reads its responses
-    (``rawsend``), so its DUL thread needs no fast poll."""
-    event.assoc.dul._run_loop_delay = const.RETRIEVE_POLL_DELAY
-
-
 def _association(
     contexts: list[PresentationContext], established: _Established | None = None, **kw: Any
 ) -> dict[str, Any]:
@@ -326,7 +301,6 @@ def _association(
     handlers: list[Any] = [
         *association_handlers(),
         (evt.EVT_ESTABLISHED, direct_writes),
-        (evt.EVT_ESTABLISHED, _slow_poll),
     ]
     if established is not None:
         handlers.append((evt.EVT_ESTABLISHED, established))
