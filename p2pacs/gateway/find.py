@@ -21,7 +21,7 @@ from p2pacs.errors import P2PacsError
 from p2pacs.gateway import status
 from p2pacs.gateway.dimsewire import COMMAND, pdata_frames
 from p2pacs.gateway.findwire import IdentifierEncoder, pending_command
-from p2pacs.gateway.rawsend import sendall, sending
+from p2pacs.gateway.rawsend import sendall, sending, watched
 from p2pacs.index import DicomIndex
 
 __all__ = ["FindAnswers", "FindHandler", "Query", "answering", "parse_identifier"]
@@ -103,19 +103,15 @@ def _wait_for_sender(event: evt.Event) -> None:
 def _observed(assoc: Any) -> bool:
     """Whether anything beyond pynetdicom's quiet standard handlers watches sent messages or
     PDUs (then responses take pynetdicom's path, which triggers those events)."""
-    get = assoc.get_handlers
-    if get(evt.EVT_DATA_SENT):
-        return True
-    for event, standard in (
-        (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-        (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
-    ):
-        handlers = get(event)
-        if any(h[0] is not standard for h in handlers):
-            return True
-        if handlers and logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            return True
-    return False
+    return watched(
+        assoc,
+        evt.EVT_DATA_SENT,
+        (
+            (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+            (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+        ),
+        logging.INFO,
+    )
 
 
 class _DirectResponses:

@@ -52,6 +52,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from p2pacs.errors import P2PacsError
+from p2pacs.gateway.rawsend import watched
 
 __all__ = [
     "DatasetBuffer",
@@ -64,7 +65,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 
 _PDU = struct.Struct(">BBL")  # PDU type, reserved, PDU length (PS3.8 9.3.1)
 _PDV = struct.Struct(">LBB")  # PDV item length, presentation context ID, control header
@@ -274,21 +274,17 @@ def _observed(assoc: Any) -> bool:
     """Whether anything watches received PDUs or messages, or sent messages, beyond
     pynetdicom's standard handlers with their logger quiet (then pynetdicom's path is taken,
     which triggers those events)."""
-    get = assoc.get_handlers
-    if get(evt.EVT_DATA_RECV):
-        return True
-    for event, standard in (
-        (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
-        (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-        (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-        (evt.EVT_FSM_TRANSITION, None),
-    ):
-        handlers = get(event)
-        if any(h[0] is not standard for h in handlers):
-            return True
-        if handlers and _PYNETDICOM_LOG.isEnabledFor(logging.INFO):
-            return True
-    return False
+    return watched(
+        assoc,
+        evt.EVT_DATA_RECV,
+        (
+            (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+            (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+            (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+            (evt.EVT_FSM_TRANSITION, None),
+        ),
+        logging.INFO,
+    )
 
 
 class _Message:

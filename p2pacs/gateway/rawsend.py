@@ -253,6 +253,24 @@ def sendall(sock: Any, buffers: list[bytes | memoryview]) -> None:
             i += 1
 
 
+def watched(assoc: Any, raw_event: Any, events: Sequence[tuple[Any, Any]], level: int) -> bool:
+    """Whether anything beyond pynetdicom's quiet standard handlers watches the association:
+    a handler of ``raw_event`` (raw bytes), or for each ``(event, standard)`` a handler other
+    than pynetdicom's ``standard`` one, or that one with the ``pynetdicom`` logger enabled for
+    ``level``. Direct paths (send, receive, C-FIND responses) skip those events, so where
+    anything watches them, pynetdicom's own path is taken, which triggers them."""
+    get = assoc.get_handlers
+    if raw_event is not None and get(raw_event):
+        return True
+    for event, standard in events:
+        handlers = get(event)
+        if any(h[0] is not standard for h in handlers):
+            return True
+        if handlers and _PYNETDICOM_LOG.isEnabledFor(level):
+            return True
+    return False
+
+
 class _Writer:
     """Frames and writes the DIMSE messages of one association (see the module docstring)."""
 
@@ -307,29 +325,23 @@ class _Writer:
         assoc.p2pacs_writer = self
 
     def _observed(self) -> bool:
-        """Whether anything watches EVT_DIMSE_SENT: a handler of our own, or pynetdicom's
-        standard one with its logger enabled (it logs each message at INFO)."""
-        handlers = self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        if any(h[0] is not standard_dimse_sent_handler for h in handlers):
-            return True
-        return bool(handlers) and _PYNETDICOM_LOG.isEnabledFor(logging.INFO)
+        """Whether anything watches EVT_DIMSE_SENT (pynetdicom's standard handler logs each
+        message at INFO)."""
+        sent = ((evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),)
+        return watched(self.assoc, None, sent, logging.INFO)
 
     def _read_observed(self) -> bool:
         """Whether anything watches received PDUs and messages beyond pynetdicom's quiet
         standard handlers (then responses take pynetdicom's path, which triggers them)."""
-        get = self.assoc.get_handlers
-        if get(evt.EVT_DATA_RECV):
-            return True
-        for event, standard in (
-            (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
-            (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
-        ):
-            handlers = get(event)
-            if any(h[0] is not standard for h in handlers):
-                return True
-            if handlers and _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG):
-                return True
-        return False
+        return watched(
+            self.assoc,
+            evt.EVT_DATA_RECV,
+            (
+                (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+                (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+            ),
+            logging.DEBUG,
+        )
 
     def store(
         self,
