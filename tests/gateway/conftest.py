@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import _config
 
 from p2pacs.archive import Archive
 
@@ -33,3 +34,14 @@ def loaded(pydicom_files: list[Path], tmp_path_factory: pytest.TempPathFactory) 
     finally:
         gw.stop()
         arc.close()
+
+
+@pytest.fixture
+def raw_sends() -> Iterator[None]:
+    """pynetdicom sends a file path's dataset bytes unchanged while the test runs."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import UID
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
@@ -179,17 +179,6 @@ def _swap_uid(data: bytes, uid: str) -> bytes:
     """CT_small's data set with another SOP Instance UID."""
     assert len(uid) == len(CT_UID) and data.count(CT_UID.encode()) == 1
     return data.replace(CT_UID.encode(), uid.encode())
-
-
-@pytest.fixture
-def raw_sends() -> Iterator[None]:
-    """pynetdicom sends a file path's dataset bytes unchanged while the test runs."""
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        yield
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def _instance_file(tmp_path: Path, uid: str) -> tuple[Path, bytes]:

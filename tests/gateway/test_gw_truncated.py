@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
-from pynetdicom import _config
 
 from p2pacs.archive import Archive
 from p2pacs.dicom import split_part10
@@ -29,17 +26,6 @@ from gw_helpers import associate, running_gateway
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 MALFORMED = 0xC210  # PS3.4 C.4.2.1.4 (Cannot understand); p2pacs's status.MALFORMED_DATASET
-
-
-@pytest.fixture
-def raw_sends() -> Iterator[None]:
-    """pynetdicom sends a file path's dataset bytes unchanged while the test runs."""
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        yield
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def _broken_files(out: Path) -> dict[str, Path]:
