@@ -68,6 +68,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _orthanc import orthanc_process, stop_process  # type: ignore[import-not-found,unused-ignore]
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore
@@ -92,10 +93,8 @@ from p2pacs.dicom.scu import association_handlers
 from p2pacs.gateway import Gateway
 
 from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
-    free_tcp_port,
     peer_env,
     tool_path,
-    wait_for_port,
 )
 
 NETNS_ENV = "P2PACS_BENCH_NETNS"  # set in the child that runs inside the namespace
@@ -142,16 +141,6 @@ class Server:
     aet: str
     port: int
     pid: int
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
 
 
 def load_p2pacs(path: Path, corpus: Corpus, size: int) -> tuple[float, list[bytes]]:
@@ -208,7 +197,7 @@ def p2pacs_server(
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            stop_process(proc)
         log.close()
 
 
@@ -252,20 +241,7 @@ def serve(path: Path, context_fix: bool) -> None:
 @contextmanager
 def orthanc_server(work: Path) -> Iterator[tuple[Server, str, subprocess.Popen[Any]]]:
     work.mkdir(parents=True, exist_ok=True)  # an existing one: ``--reuse``
-    port, http = free_tcp_port(), free_tcp_port()
-    config = {
-        "Name": "bench",
-        "StorageDirectory": str(work / "storage"),
-        "IndexDirectory": str(work / "index"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": port,
-        "HttpPort": http,
-        "RemoteAccessAllowed": False,
-        "DicomCheckCalledAet": False,
-        "AuthenticationEnabled": False,
-        "StorageCompression": False,
-        "Plugins": [],
-        "MaximumPduLength": 131072,
+    settings = {
         "StorageAccessOnFind": "Never",
         "KeepAlive": True,
         "SaveJobs": False,
@@ -273,30 +249,8 @@ def orthanc_server(work: Path) -> Iterator[tuple[Server, str, subprocess.Popen[A
         "LimitFindInstances": 0,
         "DicomAlwaysAllowFind": True,
     }
-    (work / "orthanc.json").write_text(json.dumps(config, indent=1))
-    log = (work / "orthanc.log").open("wb")
-    proc = subprocess.Popen(
-        [tool_path("Orthanc"), str(work / "orthanc.json")],
-        env=peer_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                urllib.request.urlopen(url + "/system", timeout=5).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start; see {log.name}") from None
-                time.sleep(0.1)
-        wait_for_port(port, proc)
-        yield Server("orthanc", "ORTHANC", port, proc.pid), f"127.0.0.1:{http}", proc
-    finally:
-        _stop(proc)
-        log.close()
+    with orthanc_process(work, settings) as (port, url, proc):
+        yield Server("orthanc", "ORTHANC", port, proc.pid), url.removeprefix("http://"), proc
 
 
 def load_orthanc(hostport: str, datasets: list[bytes], clients: int) -> float:

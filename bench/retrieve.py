@@ -39,12 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "inter
 
 from p2pacs.samples import generate_instances
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _orthanc import orthanc_process, stop_process  # type: ignore[import-not-found,unused-ignore]
+
 from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
     StoreSCP,
     free_tcp_port,
     peer_env,
     tool_path,
-    wait_for_port,
 )
 
 START_TIMEOUT = 60.0  # seconds for a server to answer
@@ -89,16 +92,6 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def stop(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(15)
-
-
 @contextmanager
 def p2pacs_server(
     site: Path,
@@ -140,7 +133,7 @@ def p2pacs_server(
             raise RuntimeError(f"p2pacs serve did not start ({line!r}); see {log.name}")
         yield type("Server", (), {"name": name, "aet": "P2PACS", "port": port, "pid": proc.pid})
     finally:
-        stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -148,20 +141,7 @@ def p2pacs_server(
 def orthanc_server(work: Path, files: list[Path], destinations: dict[str, str]) -> Iterator[Any]:
     """Orthanc as a plain process, at its best settings, holding the files (REST upload)."""
     work.mkdir(parents=True)
-    port, http = free_tcp_port(), free_tcp_port()
-    config = {
-        "Name": "bench",
-        "StorageDirectory": str(work / "storage"),
-        "IndexDirectory": str(work / "index"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": port,
-        "HttpPort": http,
-        "RemoteAccessAllowed": False,
-        "DicomCheckCalledAet": False,
-        "AuthenticationEnabled": False,
-        "StorageCompression": False,
-        "Plugins": [],
-        "MaximumPduLength": 131072,
+    settings = {
         "DicomScuTimeout": 60,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowMove": True,
@@ -171,35 +151,13 @@ def orthanc_server(work: Path, files: list[Path], destinations: dict[str, str]) 
             aet: [aet, *hostport.rsplit(":", 1)] for aet, hostport in destinations.items()
         },
     }
-    (work / "orthanc.json").write_text(json.dumps(config, indent=1))
-    log = (work / "orthanc.log").open("wb")
-    proc = subprocess.Popen(
-        [tool_path("Orthanc"), str(work / "orthanc.json")],
-        env=peer_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                urllib.request.urlopen(url + "/system", timeout=5).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start; see {log.name}") from None
-                time.sleep(0.1)
-        wait_for_port(port, proc)
+    with orthanc_process(work, settings) as (port, url, proc):
         for path in files:
             req = urllib.request.Request(url + "/instances", data=path.read_bytes(), method="POST")
             urllib.request.urlopen(req, timeout=60).read()
         yield type(
             "Server", (), {"name": "orthanc", "aet": "ORTHANC", "port": port, "pid": proc.pid}
         )
-    finally:
-        stop(proc)
-        log.close()
 
 
 def _run(cmd: list[str]) -> subprocess.Popen[str]:
@@ -217,7 +175,7 @@ def _wait(procs: list[subprocess.Popen[str]]) -> None:
                 raise RuntimeError(f"{p.args!r} exited with {p.returncode}:\n{out[-3000:]}")
     finally:
         for p in procs:
-            stop(p)
+            stop_process(p)
 
 
 def _interrupt(proc: subprocess.Popen[Any]) -> None:
@@ -226,7 +184,7 @@ def _interrupt(proc: subprocess.Popen[Any]) -> None:
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
-        stop(proc)
+        stop_process(proc)
 
 
 def keys(study: str) -> list[str]:
