@@ -68,7 +68,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _orthanc import orthanc_process, stop_process  # type: ignore[import-not-found,unused-ignore]
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore
@@ -93,12 +92,13 @@ from p2pacs.dicom.scu import association_handlers
 from p2pacs.gateway import Gateway
 
 from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
+    Orthanc,
     peer_env,
+    stop_process,
     tool_path,
 )
 
 NETNS_ENV = "P2PACS_BENCH_NETNS"  # set in the child that runs inside the namespace
-START_TIMEOUT = 60.0  # seconds for a server to answer
 TOOL_TIMEOUT = 300.0  # seconds for one findscu run
 IMPL_UID = b"1.2.826.0.1.3680043.10.4242.99"  # implementation class UID of the file meta
 SERIES_KEYS = ("SeriesInstanceUID", "StudyInstanceUID", "Modality", "SeriesNumber",
@@ -242,6 +242,7 @@ def serve(path: Path, context_fix: bool) -> None:
 def orthanc_server(work: Path) -> Iterator[tuple[Server, str, subprocess.Popen[Any]]]:
     work.mkdir(parents=True, exist_ok=True)  # an existing one: ``--reuse``
     settings = {
+        "Name": "bench",
         "StorageAccessOnFind": "Never",
         "KeepAlive": True,
         "SaveJobs": False,
@@ -249,8 +250,10 @@ def orthanc_server(work: Path) -> Iterator[tuple[Server, str, subprocess.Popen[A
         "LimitFindInstances": 0,
         "DicomAlwaysAllowFind": True,
     }
-    with orthanc_process(work, settings) as (port, url, proc):
-        yield Server("orthanc", "ORTHANC", port, proc.pid), url.removeprefix("http://"), proc
+    with Orthanc(work, extra=settings) as orthanc:
+        assert orthanc.proc is not None
+        host_port = orthanc.url.removeprefix("http://")
+        yield Server("orthanc", "ORTHANC", orthanc.port, orthanc.proc.pid), host_port, orthanc.proc
 
 
 def load_orthanc(hostport: str, datasets: list[bytes], clients: int) -> float:

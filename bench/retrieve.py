@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -39,18 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "inter
 
 from p2pacs.samples import generate_instances
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _orthanc import orthanc_process, stop_process  # type: ignore[import-not-found,unused-ignore]
-
 from interop_peers import (  # type: ignore[import-not-found,unused-ignore]
+    Orthanc,
     StoreSCP,
     free_tcp_port,
     peer_env,
+    stop_process,
     tool_path,
 )
 
-START_TIMEOUT = 60.0  # seconds for a server to answer
 TOOL_TIMEOUT = 600.0  # seconds for one retrieval
 TICK = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time in these
 NETNS_ENV = "P2PACS_BENCH_NETNS"  # set in the child that runs inside the namespace
@@ -142,21 +138,21 @@ def orthanc_server(work: Path, files: list[Path], destinations: dict[str, str]) 
     """Orthanc as a plain process, at its best settings, holding the files (REST upload)."""
     work.mkdir(parents=True)
     settings = {
+        "Name": "bench",
         "DicomScuTimeout": 60,
-        "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowMove": True,
         "DicomAlwaysAllowGet": True,
-        "DicomAlwaysAllowFind": True,
         "DicomModalities": {
             aet: [aet, *hostport.rsplit(":", 1)] for aet, hostport in destinations.items()
         },
     }
-    with orthanc_process(work, settings) as (port, url, proc):
+    with Orthanc(work, extra=settings) as orthanc:
+        assert orthanc.proc is not None
         for path in files:
-            req = urllib.request.Request(url + "/instances", data=path.read_bytes(), method="POST")
-            urllib.request.urlopen(req, timeout=60).read()
+            orthanc.upload(path.read_bytes())
         yield type(
-            "Server", (), {"name": "orthanc", "aet": "ORTHANC", "port": port, "pid": proc.pid}
+            "Server",
+            (),
+            {"name": "orthanc", "aet": "ORTHANC", "port": orthanc.port, "pid": orthanc.proc.pid},
         )
 
 

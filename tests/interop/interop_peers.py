@@ -101,8 +101,9 @@ def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = START
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
-def _stop(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    if proc.poll() is None:
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """Stop a process the tests or benchmarks started, by its PID: SIGTERM, then SIGKILL."""
+    if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
@@ -157,7 +158,7 @@ class _Process:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
             self.proc = None
 
 
