@@ -22,6 +22,14 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.transport import AddressInformation
 
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
@@ -283,3 +291,29 @@ def load(gw: Gateway, archive: Archive, files: list[Path]) -> Loaded:
         state.expected[sop] = dataset_bytes(p)
         state.expected_ts[sop] = read_context(p)[1]
     return state
+
+
+def associate_rq(
+    port: int,
+    contexts: list[PresentationContext],
+    *,
+    calling: str = "RAW",
+    max_length: int = 16382,
+) -> bytes:
+    """The bytes of an A-ASSOCIATE-RQ to the gateway on ``port`` proposing ``contexts`` (their
+    IDs set by the caller), built with pynetdicom's PDUs, for tests that speak raw sockets."""
+    prim = A_ASSOCIATE()
+    prim.application_context_name = "1.2.840.10008.3.1.1.1"
+    prim.calling_ae_title = calling
+    prim.called_ae_title = AET
+    prim.calling_presentation_address = AddressInformation("127.0.0.1", 0)
+    prim.called_presentation_address = AddressInformation("127.0.0.1", port)
+    prim.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_length
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = UID("1.2.826.0.1.3680043.9.9999.1")
+    prim.user_information = [length, impl]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(prim)
+    return bytes(pdu.encode())

@@ -11,14 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
 from pynetdicom.presentation import build_context
-from pynetdicom.transport import AddressInformation
 
 from p2pacs.archive import Archive
 from p2pacs.config import Config
@@ -30,7 +23,15 @@ from p2pacs.node import SiteNode
 from p2pacs.samples import generate_instances
 from p2pacs.site import Site
 
-from gw_helpers import AET, TIMEOUT, associate, dataset_bytes, header, running_gateway
+from gw_helpers import (
+    AET,
+    TIMEOUT,
+    associate,
+    associate_rq,
+    dataset_bytes,
+    header,
+    running_gateway,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -102,24 +103,10 @@ def test_garbage_datasets_are_refused_and_nothing_is_stored(
 
 
 def _associate_rq(port: int, calling: str = "RAW") -> bytes:
-    """The bytes of an A-ASSOCIATE-RQ proposing Verification, built with pynetdicom's PDUs."""
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = calling
-    prim.called_ae_title = AET
-    prim.calling_presentation_address = AddressInformation("127.0.0.1", 0)
-    prim.called_presentation_address = AddressInformation("127.0.0.1", port)
+    """An A-ASSOCIATE-RQ proposing Verification."""
     cx = build_context(VERIFICATION)
     cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16382
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = UID("1.2.826.0.1.3680043.9.9999.1")
-    prim.user_information = [max_length, impl]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return bytes(pdu.encode())
+    return associate_rq(port, [cx], calling=calling)
 
 
 def _connect(gw: Gateway) -> socket.socket:

@@ -15,19 +15,11 @@ from typing import Any
 
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
 from pynetdicom.presentation import build_context
-from pynetdicom.transport import AddressInformation
 
 from p2pacs.archive import Archive
 from p2pacs.config import DicomConfig
@@ -43,7 +35,7 @@ from p2pacs.gateway.rawrecv import (
 )
 from p2pacs.store.blobs import hash_bytes
 
-from gw_helpers import AET, TIMEOUT, associate, running_gateway
+from gw_helpers import AET, TIMEOUT, associate, associate_rq, running_gateway
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -261,26 +253,12 @@ def test_a_watched_association_takes_pynetdicom_path(
 
 def _associate_rq(port: int) -> bytes:
     """An A-ASSOCIATE-RQ proposing CT Image Storage (context 1, explicit VR little endian)
-    and Verification (context 3), built with pynetdicom's PDUs."""
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = "RAW"
-    prim.called_ae_title = AET
-    prim.calling_presentation_address = AddressInformation("127.0.0.1", 0)
-    prim.called_presentation_address = AddressInformation("127.0.0.1", port)
+    and Verification (context 3), with no maximum PDU length."""
     ct = build_context(CT, [EXPLICIT])
     ct.context_id = 1
     echo = build_context(VERIFICATION)
     echo.context_id = 3
-    prim.presentation_context_definition_list = [ct, echo]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 0
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = UID("1.2.826.0.1.3680043.9.9999.1")
-    prim.user_information = [max_length, impl]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return bytes(pdu.encode())
+    return associate_rq(port, [ct, echo], max_length=0)
 
 
 def _pdv(context_id: int, control: int, fragment: bytes) -> bytes:
