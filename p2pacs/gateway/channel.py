@@ -74,6 +74,9 @@ class ChannelError(P2PacsError):
 
 _HEAD = struct.Struct(">II")  # msgpack length, payload length
 SMALL = 64 * 1024  # bytes: a message shorter than this is sent in one piece
+# bytes a worker may queue on its connection: a whole forwarded dataset goes in one send
+# instead of waiting for the main process to read each ~200 KiB (the default)
+SEND_BUFFER = 2 << 20
 
 
 def frame(message: list[Any], payload: bytes | memoryview = b"") -> list[bytes | memoryview]:
@@ -138,6 +141,7 @@ def read_message(sock: socket.socket) -> tuple[Any, bytearray]:
 
 def _connect(path: Path, timeout: float) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     sock.settimeout(min(timeout, CONNECT_TIMEOUT))
     try:
         sock.connect(str(path))
