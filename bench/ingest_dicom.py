@@ -20,7 +20,9 @@ gateway) beside ``p2pacs`` (the default: one gateway worker per core). The JSON 
 ``<receiver>_k<K>_per_s`` and ``ratio_vs_orthanc_k<K>`` for each K, and the load average, and
 ``<receiver>_k<K>_cpu_us``: the receiver's CPU time (user + system of its process and every
 descendant, e.g. the gateway workers, from ``/proc``) over the send, per instance, least of the
-rounds (the senders' CPU is not in it).
+rounds; ``<receiver>_k<K>_senders_cpu_us``: the same for the K storescu processes, which share
+the two cores with the receiver (receiver + senders per instance, times the rate, is at most
+2 cores).
 
 ``--baseline-code DIR`` (e.g. ``git archive main | tar -x -C DIR``) adds ``p2pacs_base`` and
 ``p2pacs_base_w1``: the same two sites run from the code in DIR, in the same run, so a change
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -43,7 +46,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "interop"))
@@ -167,6 +170,18 @@ def count_files(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file())
 
 
+class Measured(NamedTuple):
+    rate: float  # best instances/s over the rounds
+    cpu_us: float  # least receiver CPU per instance (all its processes)
+    senders_cpu_us: float  # least CPU of the storescu processes per instance, same two cores
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's ended and waited-for children (the senders)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(
     name: str,
     *,
@@ -176,28 +191,32 @@ def measure(
     rounds: int,
     check: Callable[[Any, Path], int],
     associations: int = 1,
-) -> tuple[float, float]:
-    """(best instances/s, least receiver CPU µs per instance) over ``rounds`` sends, each into
-    a fresh receiver."""
-    best, least_cpu = 0.0, float("inf")
+) -> Measured:
+    """Best rate and least CPU per instance over ``rounds`` sends, each into a fresh
+    receiver."""
+    best, least_cpu, least_senders = 0.0, float("inf"), float("inf")
     for r in range(rounds):
         folder = work / f"{name}-k{associations}-{r}"
         folder.mkdir()
         with make(folder) as peer:
             pid = peer.proc.pid
-            before = tree_cpu(pid)
+            before, senders_before = tree_cpu(pid), _children_cpu()
             seconds = send(peer.aet, peer.port, files, associations)
+            # only the senders ended meanwhile: the receiver is still running
+            senders = _children_cpu() - senders_before
             cpu = tree_cpu(pid) - before
             received = check(peer, folder)
         shutil.rmtree(folder, ignore_errors=True)
         if received != len(files):
             raise RuntimeError(f"{name} holds {received} of {len(files)} instances")
         rate = len(files) / seconds
-        cpu_us = cpu / len(files) * 1e6
+        cpu_us, senders_us = cpu / len(files) * 1e6, senders / len(files) * 1e6
         print(f"{name} K={associations} round {r + 1}: {rate:.0f} instances/s, "
-              f"{cpu_us:.0f} µs CPU per instance", file=sys.stderr)  # fmt: skip
+              f"{cpu_us:.0f} µs CPU per instance (senders {senders_us:.0f})",
+              file=sys.stderr)  # fmt: skip
         best, least_cpu = max(best, rate), min(least_cpu, cpu_us)
-    return best, least_cpu
+        least_senders = min(least_senders, senders_us)
+    return Measured(best, least_cpu, least_senders)
 
 
 def main() -> None:
@@ -272,7 +291,7 @@ def main() -> None:
                 **common,
             ),
         }
-        rates = {name: rate for name, (rate, _) in measured.items()}
+        rates = {name: m.rate for name, m in measured.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     p2 = rates["p2pacs"]
@@ -367,10 +386,13 @@ def concurrent(args: argparse.Namespace) -> None:
             receivers["p2pacs_base_w1"] = (lambda d: baseline_site(code, d, 1), p2pacs_count)
         for k in ks:
             for name, (make, check) in receivers.items():
-                rates[f"{name}_k{k}_per_s"], cpus[f"{name}_k{k}_cpu_us"] = measure(
+                m = measure(
                     name, make=make, check=check, files=files, work=work,
                     rounds=args.rounds, associations=k,
                 )  # fmt: skip
+                rates[f"{name}_k{k}_per_s"] = m.rate
+                cpus[f"{name}_k{k}_cpu_us"] = m.cpu_us
+                cpus[f"{name}_k{k}_senders_cpu_us"] = m.senders_cpu_us
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result: dict[str, Any] = {
