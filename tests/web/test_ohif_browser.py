@@ -117,8 +117,9 @@ def app_config(root: str, token: str) -> str:
     # OHIF 3.12 bundles onnxruntime-web (its segmentation tools), whose Emscripten loader reads
     # `document.currentScript || __filename` when first required. Required after its chunk has
     # run (as on a busy machine), `__filename`, a Node.js name, is undefined in a browser: the
-    # ReferenceError stopped the whole viewer route (a black page, 1 CI run in ~20 here). A
-    # global `__filename` makes that fallback harmless; nothing here uses onnxruntime.
+    # ReferenceError stopped the whole viewer route (a black page: one CI run, and 2 of 25 runs
+    # beside busy CPU loops here; 0 of 20 with this). A global `__filename` makes that fallback
+    # harmless; nothing here uses onnxruntime.
     return f"""window.config = {json.dumps(config)};
 var __filename = "";
 (function () {{
