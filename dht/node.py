@@ -472,7 +472,8 @@ class DhtNode(Server):  # type: ignore[misc]  # kademlia is untyped
                 self._stats["lookups_failed"] += 1
                 raise
             finally:
-                self._stats["lookup_ms"] += round(1000 * (time.monotonic() - started))
+                # microseconds: a loopback lookup can take under 0.5 ms, which rounds to 0 ms
+                self._stats["lookup_us"] += round(1e6 * (time.monotonic() - started))
             hops, queried = result.hops, result.queried
             verified = []
             for raw in dict.fromkeys(result.records):

@@ -353,7 +353,7 @@ def _dht_families(dht: Mapping[str, int]) -> Iterator[Metric]:
         "p2pacs_dht_lookup_seconds",
         "DHT value lookups (site records) and the time they took",
         count_value=dht.get("lookups", 0),
-        sum_value=dht.get("lookup_ms", 0) / 1000,
+        sum_value=dht.get("lookup_us", 0) / 1e6,
     )
 
 

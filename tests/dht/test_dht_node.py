@@ -27,6 +27,9 @@ async def test_three_nodes_put_get(ca: FederationCA) -> None:
             ]
             assert entries[0].expires_at > time.time() + 50
         assert await nodes[1].get("study", "9.9.9") == []
+        # every lookup's time is counted, however short (loopback ones take well under 1 ms)
+        stats = nodes[1].stats
+        assert stats["lookups"] >= 2 and stats["lookup_us"] >= stats["lookups"]
 
 
 async def test_two_publishers_both_kept_and_seq_replaces(ca: FederationCA) -> None:
